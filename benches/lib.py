@@ -1,0 +1,248 @@
+"""Shared parts of the daemon benchmarks: images, daemons, CPU accounting, tables.
+
+A benchmark compares two storage daemons ("A" and "B", by default qsd and
+qemu-storage-daemon) started with identical command lines. Each measurement
+starts a fresh daemon, runs one client workload, and stops the daemon, so
+the runs alternate A B A B and neither daemon keeps a warm state. Server CPU
+time comes from /proc/PID/stat (utime + stime of all threads).
+
+Later benchmarks (qcow2, FUSE, vhost-user) reuse this by passing their own
+``Target`` (how to start the daemon and what the client connects to).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MiB = 1024 * 1024
+
+
+@dataclass
+class DaemonSpec:
+    """One side of the comparison: a label and a binary."""
+
+    label: str
+    binary: str
+
+    def resolved(self) -> str:
+        path = shutil.which(self.binary) if os.sep not in self.binary else self.binary
+        if not path or not os.access(path, os.X_OK):
+            raise SystemExit(f"daemon binary {self.binary!r} ({self.label}) not found")
+        return path
+
+
+def default_pair() -> tuple[DaemonSpec, DaemonSpec]:
+    a = os.environ.get("BENCH_A", str(REPO_ROOT / "target" / "release" / "qsd"))
+    b = os.environ.get("BENCH_B", "qemu-storage-daemon")
+    return DaemonSpec("A", a), DaemonSpec("B", b)
+
+
+# ---------------------------------------------------------------------------
+# Images
+
+
+def prepare_raw_image(path: Path, size: int) -> Path:
+    """A raw image of ``size`` bytes filled with non-zero data, created once.
+
+    A marker file next to it records the size it was filled for, so later
+    runs reuse it. Data is written (not left sparse) so reads hit real blocks.
+    """
+    marker = path.with_name(path.name + ".filled")
+    if path.exists() and marker.exists() and marker.read_text().strip() == str(size) \
+            and path.stat().st_size == size:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    block = bytearray(os.urandom(MiB))
+    with open(path, "wb") as f:
+        written = 0
+        while written < size:
+            n = min(MiB, size - written)
+            block[0:8] = written.to_bytes(8, "little")  # make every MiB distinct
+            f.write(block[:n])
+            written += n
+        f.flush()
+        os.fsync(f.fileno())
+    marker.write_text(str(size))
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Daemons
+
+
+def unix_connectable(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
+@dataclass
+class Running:
+    """A started daemon: process, its socket, and a log of its stderr."""
+
+    proc: subprocess.Popen
+    sock: Path
+    stderr_path: Path
+    started_ns: int
+    ready_ns: int = 0
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the whole process so far."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        # After the ")" the fields start at "state" (field 3); utime is 14, stime 15.
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Target:
+    """How to start a daemon for one benchmark and where clients connect.
+
+    ``args(workdir)`` returns the daemon arguments (without the binary) and
+    the NBD/vhost socket path to wait for; ``uri(sock)`` the client URI.
+    """
+
+    args: Callable[[Path], tuple[list[str], Path]]
+    uri: Callable[[Path], str]
+
+
+def nbd_raw_target(image: Path, file_opts: str = "cache.direct=on",
+                   export: str = "exp") -> Target:
+    """A raw image on a file node, exported writable over NBD on a UNIX socket."""
+
+    def args(workdir: Path) -> tuple[list[str], Path]:
+        sock = workdir / "nbd.sock"
+        opts = f",{file_opts}" if file_opts else ""
+        return ([
+            "--blockdev", f"driver=file,node-name=file0,filename={image}{opts}",
+            "--blockdev", "driver=raw,node-name=fmt0,file=file0",
+            "--nbd-server", f"addr.type=unix,addr.path={sock}",
+            "--export", f"type=nbd,id=exp0,node-name=fmt0,name={export},writable=on",
+        ], sock)
+
+    return Target(args, lambda sock: f"nbd+unix:///{export}?socket={sock}")
+
+
+def start(spec: DaemonSpec, target: Target, workdir: Path,
+          timeout: float = 10.0, cpus: str = "") -> Running:
+    """Start the daemon and wait (polling) until its socket is connectable.
+
+    ``cpus`` (a taskset list such as "0") pins the daemon, to cut noise.
+    """
+    args, sock = target.args(workdir)
+    if sock.exists():
+        sock.unlink()
+    err = workdir / f"{spec.label}.stderr"
+    t0 = time.monotonic_ns()
+    with open(err, "ab") as errf:
+        pin = ["taskset", "-c", cpus] if cpus else []
+        proc = subprocess.Popen([*pin, spec.resolved(), *args], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=errf)
+    run = Running(proc, sock, err, t0)
+    deadline = time.monotonic() + timeout
+    while not unix_connectable(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            run.stop()
+            raise SystemExit(f"{spec.label} ({spec.binary}) did not start:\n"
+                             f"{err.read_text(errors='replace')}")
+        time.sleep(0.001)
+    run.ready_ns = time.monotonic_ns()
+    return run
+
+
+def workdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="qsd-bench-", dir="/tmp"))
+
+
+# ---------------------------------------------------------------------------
+# Statistics and output
+
+
+@dataclass
+class Sample:
+    value: float          # IOPS or MiB/s
+    cpu_per_io_us: float  # server CPU microseconds per I/O
+
+
+@dataclass
+class Result:
+    job: str
+    unit: str
+    samples: dict[str, list[Sample]] = field(default_factory=dict)
+
+    def median(self, label: str) -> tuple[float, float]:
+        s = self.samples.get(label, [])
+        if not s:
+            return float("nan"), float("nan")
+        return (statistics.median(x.value for x in s),
+                statistics.median(x.cpu_per_io_us for x in s))
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "n/a"
+
+
+def markdown_table(results: Sequence[Result], a: DaemonSpec, b: DaemonSpec) -> str:
+    lines = [
+        f"A = `{a.binary}`, B = `{b.binary}`; medians of "
+        f"{max((len(r.samples.get(a.label, [])) for r in results), default=0)} runs each",
+        "",
+        "| job | A | B | A/B | A CPU µs/IO | B CPU µs/IO | CPU A/B |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        va, ca = r.median(a.label)
+        vb, cb = r.median(b.label)
+        lines.append(f"| {r.job} | {va:,.0f} {r.unit} | {vb:,.0f} {r.unit} | {ratio(va, vb)} "
+                     f"| {ca:.1f} | {cb:.1f} | {ratio(ca, cb)} |")
+    return "\n".join(lines)
+
+
+def need_tool(name: str, package: str) -> None:
+    if shutil.which(name) is None:
+        raise SystemExit(f"tool {name} is missing: install package {package}")
+
+
+def fio_has_nbd_engine() -> bool:
+    out = subprocess.run(["fio", "--enghelp"], capture_output=True, text=True)
+    return any(line.strip() == "nbd" for line in out.stdout.splitlines())
+
+
+def run_quiet(cmd: Sequence[str], timeout: Optional[float] = None) -> None:
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")

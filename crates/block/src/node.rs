@@ -1,0 +1,489 @@
+//! A node of the graph: a driver instance plus the options every node has
+//! (read-only, discard, detect-zeroes, cache), its users with their
+//! permissions, and the count of requests in flight (the drain point).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use qsd_rt::IoBuf;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::driver::{BlockDriver, BlockStatus, WriteFlags, ZeroFlags};
+use crate::perm::{check_conflict, PermUser, UserDesc, UserEntry};
+use crate::{Error, ErrorKind, Perm, Result};
+
+/// A shared handle on a node.
+pub type NodeRef = Arc<Node>;
+
+/// `detect-zeroes`: turn writes of zero buffers into write-zeroes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DetectZeroes {
+    /// Never.
+    #[default]
+    Off,
+    /// Yes, without unmapping.
+    On,
+    /// Yes, and unmap when `discard=unmap`.
+    Unmap,
+}
+
+/// The options every node has, after inheritance from its parent.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CommonOptions {
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Open read-only when writing is not possible (qemu's auto-read-only).
+    pub auto_read_only: bool,
+    /// Do not take or check image locks for others.
+    pub force_share: bool,
+    /// Pass discard requests down (`discard=unmap`) or drop them.
+    pub discard_unmap: bool,
+    /// Zero detection on writes.
+    pub detect_zeroes: DetectZeroes,
+    /// Bypass the host page cache (O_DIRECT).
+    pub cache_direct: bool,
+    /// Ignore flush requests.
+    pub cache_no_flush: bool,
+}
+
+/// Requests in flight, and a way to wait until there are none.
+#[derive(Debug, Default)]
+struct Inflight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+struct InflightGuard<'a>(&'a Inflight);
+
+impl Inflight {
+    fn enter(&self) -> InflightGuard<'_> {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        InflightGuard(self)
+    }
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Users {
+    next_id: u64,
+    list: Vec<UserEntry>,
+}
+
+/// A child of a node, for queries and for deleting implicit nodes.
+#[derive(Debug, Clone)]
+pub struct ChildLink {
+    /// "file", "backing", "image", ...
+    pub role: String,
+    /// The child.
+    pub node: NodeRef,
+}
+
+/// One node of the block graph.
+pub struct Node {
+    name: String,
+    implicit: bool,
+    opts: CommonOptions,
+    driver: Box<dyn BlockDriver>,
+    children: Vec<ChildLink>,
+    users: Mutex<Users>,
+    inflight: Inflight,
+    /// Serialises read-modify-write cycles of unaligned writes.
+    rmw: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.name)
+            .field("driver", &self.driver.driver_name())
+            .field("opts", &self.opts)
+            .finish()
+    }
+}
+
+impl Node {
+    /// Wrap an opened driver. `implicit` nodes were created inline as a
+    /// child of another node and are deleted with it.
+    pub fn new(
+        name: String,
+        implicit: bool,
+        opts: CommonOptions,
+        driver: Box<dyn BlockDriver>,
+        children: Vec<ChildLink>,
+    ) -> NodeRef {
+        Arc::new(Node {
+            name,
+            implicit,
+            opts,
+            driver,
+            children,
+            users: Mutex::new(Users::default()),
+            inflight: Inflight::default(),
+            rmw: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The node name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// True when created inline as another node's child.
+    pub fn is_implicit(&self) -> bool {
+        self.implicit
+    }
+
+    /// The common options.
+    pub fn options(&self) -> &CommonOptions {
+        &self.opts
+    }
+
+    /// True when the node refuses writes.
+    pub fn is_read_only(&self) -> bool {
+        self.opts.read_only
+    }
+
+    /// The driver (for queries).
+    pub fn driver(&self) -> &dyn BlockDriver {
+        self.driver.as_ref()
+    }
+
+    /// The children.
+    pub fn children(&self) -> &[ChildLink] {
+        &self.children
+    }
+
+    /// Current size in bytes.
+    pub fn len(&self) -> u64 {
+        self.driver.len()
+    }
+
+    /// True when the node has zero length.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Requests currently in flight.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.count.load(Ordering::Acquire)
+    }
+
+    // ---- users and permissions ----
+
+    fn users(&self) -> MutexGuard<'_, Users> {
+        match self.users.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Descriptions of the current users ("export 'e0'" ...), for errors.
+    pub fn user_names(&self) -> Vec<String> {
+        self.users().list.iter().map(|u| u.desc.who.clone()).collect()
+    }
+
+    /// Users attached as backends (role "root"), not as parent nodes.
+    pub fn root_user_names(&self) -> Vec<String> {
+        self.users().list.iter().filter(|u| u.desc.role == "root").map(|u| u.desc.who.clone()).collect()
+    }
+
+    /// Register a user taking `perm` and sharing `shared`.
+    pub fn add_user(
+        self: &Arc<Self>,
+        desc: UserDesc,
+        perm: Perm,
+        shared: Perm,
+    ) -> Result<PermUser> {
+        let mut users = self.users();
+        self.check_writable(perm)?;
+        check_conflict(&self.name, &desc, perm, shared, &users.list)?;
+        let id = users.next_id;
+        users.next_id += 1;
+        users.list.push(UserEntry { id, desc, perm, shared });
+        if let Err(e) = self.apply_perms(&users) {
+            users.list.retain(|u| u.id != id);
+            return Err(e);
+        }
+        Ok(PermUser::new(self, id))
+    }
+
+    fn check_writable(&self, perm: Perm) -> Result<()> {
+        if self.opts.read_only && (perm.contains(Perm::WRITE) || perm.contains(Perm::RESIZE)) {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!("Block node '{}' is read-only", self.name),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn update_user(&self, id: u64, perm: Perm, shared: Perm) -> Result<()> {
+        let mut users = self.users();
+        self.check_writable(perm)?;
+        let Some(pos) = users.list.iter().position(|u| u.id == id) else {
+            return Ok(());
+        };
+        let others: Vec<UserEntry> =
+            users.list.iter().filter(|u| u.id != id).cloned().collect();
+        check_conflict(&self.name, &users.list[pos].desc, perm, shared, &others)?;
+        let old = (users.list[pos].perm, users.list[pos].shared);
+        users.list[pos].perm = perm;
+        users.list[pos].shared = shared;
+        if let Err(e) = self.apply_perms(&users) {
+            users.list[pos].perm = old.0;
+            users.list[pos].shared = old.1;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn remove_user(&self, id: u64) {
+        let mut users = self.users();
+        users.list.retain(|u| u.id != id);
+        if let Err(e) = self.apply_perms(&users) {
+            tracing::warn!(node = %self.name, "dropping permissions failed: {e}");
+        }
+    }
+
+    /// The union of what users take and the intersection of what they share.
+    fn cumulative(users: &Users) -> (Perm, Perm) {
+        users.list.iter().fold((Perm::NONE, Perm::ALL), |(p, s), u| (p | u.perm, s & u.shared))
+    }
+
+    fn apply_perms(&self, users: &Users) -> Result<()> {
+        let (perm, shared) = Self::cumulative(users);
+        let shared = if self.opts.force_share { Perm::ALL } else { shared };
+        self.driver.set_perm(perm, shared)
+    }
+
+    /// The cumulative (taken, shared) permissions, for queries and tests.
+    pub fn cumulative_perms(&self) -> (Perm, Perm) {
+        Self::cumulative(&self.users())
+    }
+
+    // ---- data plane ----
+
+    /// Wait until no request is in flight on this node.
+    pub async fn drain(&self) {
+        loop {
+            let idle = self.inflight.idle.notified();
+            if self.in_flight() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    fn align(&self) -> u64 {
+        u64::from(self.driver.limits().request_alignment.max(1))
+    }
+
+    fn check_write_allowed(&self) -> Result<()> {
+        if self.opts.read_only {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!("Block node '{}' is read-only", self.name),
+            )
+            .with_errno(crate::error::libc_errno::EPERM));
+        }
+        Ok(())
+    }
+
+    /// Read `buf.len()` bytes at `offset`.
+    pub async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let _guard = self.inflight.enter();
+        let align = self.align();
+        if is_aligned(offset, buf.len() as u64, align) {
+            return self.driver.read(offset, buf).await;
+        }
+        self.read_unaligned(offset, buf, align).await
+    }
+
+    async fn read_unaligned(&self, offset: u64, mut buf: IoBuf, align: u64) -> Result<IoBuf> {
+        let (start, end) = widen(offset, buf.len() as u64, align);
+        let bounce = IoBuf::new((end - start) as usize);
+        let bounce = self.driver.read(start, bounce).await?;
+        let head = (offset - start) as usize;
+        let len = buf.len();
+        buf.copy_from_slice(&bounce[head..head + len]);
+        Ok(buf)
+    }
+
+    /// Write all of `buf` at `offset`.
+    pub async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
+        self.check_write_allowed()?;
+        let _guard = self.inflight.enter();
+        if self.opts.detect_zeroes != DetectZeroes::Off && is_all_zero(&buf) {
+            let may_unmap = self.opts.detect_zeroes == DetectZeroes::Unmap && self.opts.discard_unmap;
+            let zflags = ZeroFlags { may_unmap, no_fallback: false, fua: flags.fua };
+            self.zeroes_inner(offset, buf.len() as u64, zflags).await?;
+            return Ok(buf);
+        }
+        let align = self.align();
+        if is_aligned(offset, buf.len() as u64, align) {
+            return self.driver.write(offset, buf, flags).await;
+        }
+        self.write_unaligned(offset, buf, flags, align).await
+    }
+
+    async fn write_unaligned(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        flags: WriteFlags,
+        align: u64,
+    ) -> Result<IoBuf> {
+        let _rmw = self.rmw.lock().await;
+        let (start, end) = widen(offset, buf.len() as u64, align);
+        let bounce = IoBuf::new((end - start) as usize);
+        let mut bounce = self.driver.read(start, bounce).await?;
+        let head = (offset - start) as usize;
+        bounce[head..head + buf.len()].copy_from_slice(&buf);
+        self.driver.write(start, bounce, flags).await?;
+        Ok(buf)
+    }
+
+    /// Make a range read as zeroes.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.check_write_allowed()?;
+        let _guard = self.inflight.enter();
+        self.zeroes_inner(offset, len, flags).await
+    }
+
+    async fn zeroes_inner(&self, offset: u64, len: u64, mut flags: ZeroFlags) -> Result<()> {
+        flags.may_unmap &= self.opts.discard_unmap;
+        let align = self.align();
+        if is_aligned(offset, len, align) {
+            match self.driver.write_zeroes(offset, len, flags).await {
+                Err(e) if e.kind() == ErrorKind::Unsupported && !flags.no_fallback => {}
+                other => return other,
+            }
+        } else if flags.no_fallback {
+            return Err(Error::unsupported("unaligned write-zeroes cannot be fast"));
+        }
+        self.zeroes_by_writing(offset, len, WriteFlags { fua: flags.fua }).await
+    }
+
+    /// The fallback for write-zeroes: write zero buffers, 1 MiB at a time.
+    async fn zeroes_by_writing(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let align = self.align();
+        let mut done = 0;
+        let mut buf = IoBuf::new(CHUNK.min(len) as usize);
+        while done < len {
+            let n = CHUNK.min(len - done);
+            buf.resize(n as usize);
+            buf.zero();
+            let pos = offset + done;
+            buf = if is_aligned(pos, n, align) {
+                self.driver.write(pos, buf, flags).await?
+            } else {
+                self.write_unaligned(pos, buf, flags, align).await?
+            };
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Discard a range (dropped unless `discard=unmap`).
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_write_allowed()?;
+        if !self.opts.discard_unmap {
+            return Ok(());
+        }
+        let _guard = self.inflight.enter();
+        // Discard is advisory: shrink to the aligned part.
+        let align = self.align();
+        let start = offset.next_multiple_of(align);
+        let end = (offset + len) / align * align;
+        if end <= start {
+            return Ok(());
+        }
+        self.driver.discard(start, end - start).await
+    }
+
+    /// Flush completed writes to stable storage (no-op with cache.no-flush).
+    pub async fn flush(&self) -> Result<()> {
+        if self.opts.cache_no_flush {
+            return Ok(());
+        }
+        let _guard = self.inflight.enter();
+        self.driver.flush().await
+    }
+
+    /// Allocation status from `offset` for at most `len` bytes.
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        let _guard = self.inflight.enter();
+        let mut st = self.driver.block_status(offset, len).await?;
+        st.len = st.len.clamp(1, len.max(1));
+        Ok(st)
+    }
+
+    /// Resize the node.
+    pub async fn truncate(&self, size: u64) -> Result<()> {
+        self.check_write_allowed()?;
+        let _guard = self.inflight.enter();
+        self.driver.truncate(size).await
+    }
+
+    /// Drain, flush (unless read-only) and close the driver.
+    pub async fn close(&self) -> Result<()> {
+        self.drain().await;
+        if !self.opts.read_only {
+            self.flush().await?;
+        }
+        self.driver.close().await
+    }
+}
+
+fn is_aligned(offset: u64, len: u64, align: u64) -> bool {
+    align <= 1 || (offset % align == 0 && len % align == 0)
+}
+
+fn widen(offset: u64, len: u64, align: u64) -> (u64, u64) {
+    (offset / align * align, (offset + len).next_multiple_of(align))
+}
+
+/// True when every byte is zero (word at a time).
+pub fn is_all_zero(buf: &[u8]) -> bool {
+    let (head, words, tail) = {
+        let (h, rest) = buf.split_at(buf.len().min(buf.as_ptr().align_offset(8)));
+        let n = rest.len() / 8 * 8;
+        (h, &rest[..n], &rest[n..])
+    };
+    head.iter().all(|&b| b == 0)
+        && words.chunks_exact(8).all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+        && tail.iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_widen_unaligned_range_covers_blocks() {
+        assert_eq!(widen(513, 10, 512), (512, 1024));
+        assert_eq!(widen(0, 4096, 512), (0, 4096));
+        assert_eq!(widen(4095, 2, 4096), (0, 8192));
+    }
+
+    #[test]
+    fn test_is_all_zero_detects_single_byte() {
+        let mut v = vec![0u8; 4099];
+        assert!(is_all_zero(&v));
+        v[4098] = 1;
+        assert!(!is_all_zero(&v));
+        v[4098] = 0;
+        v[1] = 1;
+        assert!(!is_all_zero(&v[1..]));
+    }
+}

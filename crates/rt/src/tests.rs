@@ -1,0 +1,381 @@
+//! Tests of the io_uring engine and runtimes on real files.
+
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::os::unix::fs::OpenOptionsExt;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use crate::io::{fallocate, fsync, read_at, write_at};
+use crate::{ring, Aio, IoBuf, IoThread, SharedFd};
+
+fn temp_fd() -> (tempfile::NamedTempFile, SharedFd) {
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(tmp.path())
+        .unwrap();
+    (tmp, SharedFd::new(f.into()))
+}
+
+fn pattern(seed: u64, len: usize) -> IoBuf {
+    let data: Vec<u8> = (0..len)
+        .map(|i| (seed.wrapping_mul(31) as usize + i * 7) as u8)
+        .collect();
+    IoBuf::from_slice(&data)
+}
+
+/// Run `f` on a fresh ring runtime on this (test) thread, then tear down.
+fn with_ring<F: Future>(f: F) -> F::Output {
+    if !crate::io_uring_available() {
+        eprintln!("io_uring unavailable here; test runs on threads");
+    }
+    let rt = crate::build_runtime("test").unwrap();
+    let out = crate::block_on_with_ring(&rt, f);
+    drop(rt);
+    ring::shutdown_current();
+    out
+}
+
+fn enters() -> u64 {
+    ring::current().map(|r| r.lock().enters).unwrap_or(0)
+}
+
+fn live_ops() -> usize {
+    ring::current().map(|r| r.lock().table.live()).unwrap_or(0)
+}
+
+#[test]
+fn test_uring_write_fsync_read_fallocate_roundtrip() {
+    let (tmp, fd) = temp_fd();
+    with_ring(async {
+        assert_eq!(crate::current_has_ring(), crate::io_uring_available());
+        let (r, _) = write_at(Aio::IoUring, &fd, pattern(1, 65536), 4096).await;
+        assert_eq!(r.unwrap(), 65536);
+        fsync(Aio::IoUring, &fd, false).await.unwrap();
+        fsync(Aio::IoUring, &fd, true).await.unwrap();
+        let (r, buf) = read_at(Aio::IoUring, &fd, IoBuf::new(65536), 4096).await;
+        assert_eq!(r.unwrap(), 65536);
+        assert_eq!(&buf[..], &pattern(1, 65536)[..]);
+        fallocate(Aio::IoUring, &fd, 0, 0, 1 << 20).await.unwrap();
+    });
+    assert_eq!(std::fs::metadata(tmp.path()).unwrap().len(), 1 << 20);
+}
+
+#[test]
+fn test_uring_read_past_eof_returns_zero() {
+    let (_tmp, fd) = temp_fd();
+    with_ring(async {
+        let (r, buf) = read_at(Aio::IoUring, &fd, IoBuf::new(4096), 1 << 30).await;
+        assert_eq!(r.unwrap(), 0);
+        assert_eq!(buf.len(), 4096);
+    });
+}
+
+#[test]
+fn test_uring_bad_fd_reports_os_error() {
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    let ro = SharedFd::new(File::open(tmp.path()).unwrap().into());
+    with_ring(async {
+        let (r, buf) = write_at(Aio::IoUring, &ro, IoBuf::new(512), 0).await;
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EBADF));
+        assert_eq!(buf.len(), 512);
+    });
+}
+
+#[test]
+fn test_uring_many_concurrent_ops_data_matches() {
+    // 1000 > SQ (256) and CQ (512) sizes: exercises the local backlog.
+    const N: u64 = 1000;
+    let (_tmp, fd) = temp_fd();
+    with_ring(async {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..N {
+            let fd = fd.clone();
+            set.spawn(async move {
+                write_at(Aio::IoUring, &fd, pattern(i, 4096), i * 4096)
+                    .await
+                    .0
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            assert_eq!(r.unwrap().unwrap(), 4096);
+        }
+        for i in 0..N {
+            let fd = fd.clone();
+            set.spawn(async move {
+                let (r, buf) = read_at(Aio::IoUring, &fd, IoBuf::new(4096), i * 4096).await;
+                assert_eq!(r.unwrap(), 4096);
+                assert_eq!(&buf[..], &pattern(i, 4096)[..], "block {i}");
+                Ok(0)
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap().unwrap();
+        }
+        assert_eq!(live_ops(), 0);
+    });
+}
+
+#[test]
+fn test_uring_32_ops_in_one_tick_cost_one_enter() {
+    let (_tmp, fd) = temp_fd();
+    with_ring(async {
+        if !crate::current_has_ring() {
+            return;
+        }
+        let before = enters();
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..32u64 {
+            let fd = fd.clone();
+            set.spawn(async move {
+                read_at(Aio::IoUring, &fd, IoBuf::new(4096), i * 4096)
+                    .await
+                    .0
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap().unwrap();
+        }
+        let used = enters() - before;
+        // One submit for the batch, plus at most one enter to reap a deferred
+        // completion batch.
+        assert!(used <= 2, "{used} io_uring_enter calls for 32 reads");
+    });
+}
+
+fn poll_once<F: Future>(f: std::pin::Pin<&mut F>) -> Poll<F::Output> {
+    f.poll(&mut Context::from_waker(Waker::noop()))
+}
+
+#[test]
+fn test_uring_dropped_futures_complete_later_and_free() {
+    let (_tmp, fd) = temp_fd();
+    with_ring(async {
+        let (r, _) = write_at(Aio::IoUring, &fd, pattern(3, 1 << 20), 0).await;
+        r.unwrap();
+        for i in 0..1000u64 {
+            let mut fut = pin!(read_at(
+                Aio::IoUring,
+                &fd,
+                IoBuf::new(4096),
+                (i % 256) * 4096
+            ));
+            let _ = poll_once(fut.as_mut());
+            // dropped here, usually while in flight
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while live_ops() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{} orphaned ops never freed",
+                live_ops()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // The ring still works afterwards.
+        let (r, buf) = read_at(Aio::IoUring, &fd, IoBuf::new(4096), 0).await;
+        assert_eq!(r.unwrap(), 4096);
+        assert_eq!(&buf[..], &pattern(3, 1 << 20)[..4096]);
+    });
+}
+
+#[test]
+fn test_threads_forced_in_ring_runtime_works() {
+    let (_tmp, fd) = temp_fd();
+    with_ring(async {
+        let before = enters();
+        let (r, _) = write_at(Aio::Threads, &fd, pattern(5, 8192), 0).await;
+        assert_eq!(r.unwrap(), 8192);
+        fsync(Aio::Threads, &fd, true).await.unwrap();
+        fallocate(Aio::Threads, &fd, 0, 0, 16384).await.unwrap();
+        let (r, buf) = read_at(Aio::Threads, &fd, IoBuf::new(8192), 0).await;
+        assert_eq!(r.unwrap(), 8192);
+        assert_eq!(&buf[..], &pattern(5, 8192)[..]);
+        assert_eq!(enters(), before, "thread path must not touch the ring");
+    });
+}
+
+#[test]
+fn test_uring_requested_without_ring_falls_back_to_threads() {
+    let (_tmp, fd) = temp_fd();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        assert!(!crate::current_has_ring());
+        let (r, _) = write_at(Aio::IoUring, &fd, pattern(6, 4096), 0).await;
+        assert_eq!(r.unwrap(), 4096);
+        let (r, buf) = read_at(Aio::IoUring, &fd, IoBuf::new(4096), 0).await;
+        assert_eq!(r.unwrap(), 4096);
+        assert_eq!(&buf[..], &pattern(6, 4096)[..]);
+    });
+}
+
+#[test]
+fn test_offset_beyond_i64_is_einval() {
+    let (_tmp, fd) = temp_fd();
+    with_ring(async {
+        let (r, _) = read_at(Aio::IoUring, &fd, IoBuf::new(512), u64::MAX).await;
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EINVAL));
+    });
+}
+
+#[test]
+fn test_iothread_spawn_runs_ring_ops_and_stops() {
+    let (_tmp, fd) = temp_fd();
+    let t = IoThread::spawn("t0").unwrap();
+    assert_eq!(t.id(), "t0");
+    // SAFETY: gettid has no preconditions.
+    assert_ne!(t.thread_id(), unsafe { libc::gettid() });
+    assert!(t.thread_id() > 0);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let (has_ring, ok) = rt
+        .block_on(t.handle().spawn(async move {
+            let (r, _) = write_at(Aio::IoUring, &fd, pattern(7, 4096), 0).await;
+            r.unwrap();
+            let (r, buf) = read_at(Aio::IoUring, &fd, IoBuf::new(4096), 0).await;
+            r.unwrap();
+            (crate::current_has_ring(), buf[..] == pattern(7, 4096)[..])
+        }))
+        .unwrap();
+    assert_eq!(has_ring, crate::io_uring_available());
+    assert!(ok);
+    let name = std::fs::read_to_string(format!("/proc/self/task/{}/comm", t.thread_id())).unwrap();
+    assert!(name.starts_with("qsd-iothread"), "{name}");
+    t.stop();
+}
+
+#[test]
+fn test_iothread_stop_with_ops_in_flight_is_clean() {
+    let (_tmp, fd) = temp_fd();
+    let t = IoThread::spawn("busy").unwrap();
+    for i in 0..64u64 {
+        let fd = fd.clone();
+        t.handle().spawn(async move {
+            loop {
+                let (r, _) = write_at(Aio::IoUring, &fd, pattern(i, 4096), i * 4096).await;
+                r.unwrap();
+            }
+        });
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    t.stop();
+}
+
+#[test]
+fn test_op_started_on_iothread_completes_when_polled_elsewhere() {
+    let (_tmp, fd) = temp_fd();
+    let t = IoThread::spawn("x").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    t.handle().spawn(async move {
+        let mut fut = Box::pin(async move {
+            let (r, _) = write_at(Aio::IoUring, &fd, pattern(8, 4096), 0).await;
+            let (r2, buf) = read_at(Aio::IoUring, &fd, IoBuf::new(4096), 0).await;
+            (r.unwrap(), r2.unwrap(), buf)
+        });
+        // Start the first op on this thread's ring, then hand the future over.
+        let _ = poll_once(fut.as_mut());
+        tx.send(fut).unwrap();
+    });
+    let fut = rx.recv().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (w, r, buf) = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), fut)
+            .await
+            .unwrap()
+    });
+    assert_eq!((w, r), (4096, 4096));
+    assert_eq!(&buf[..], &pattern(8, 4096)[..]);
+    t.stop();
+}
+
+#[test]
+fn test_uring_o_direct_on_var_tmp_roundtrip() {
+    let Ok(tmp) = tempfile::NamedTempFile::new_in("/var/tmp") else {
+        return;
+    };
+    let opened = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(tmp.path());
+    let Ok(f) = opened else {
+        eprintln!("O_DIRECT refused on /var/tmp; skipping");
+        return;
+    };
+    let fd = SharedFd::new(f.into());
+    with_ring(async {
+        let (r, _) = write_at(Aio::IoUring, &fd, pattern(9, 8192), 4096).await;
+        assert_eq!(r.unwrap(), 8192);
+        let (r, buf) = read_at(Aio::IoUring, &fd, IoBuf::new(8192), 4096).await;
+        assert_eq!(r.unwrap(), 8192);
+        assert_eq!(&buf[..], &pattern(9, 8192)[..]);
+        // Misaligned offsets are refused by the kernel, not by us.
+        let (r, _) = read_at(Aio::IoUring, &fd, IoBuf::new(4096), 100).await;
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EINVAL));
+    });
+}
+
+#[test]
+fn test_io_futures_are_send() {
+    fn assert_send<T: Send>(_: &T) {}
+    let (_tmp, fd) = temp_fd();
+    assert_send(&read_at(Aio::IoUring, &fd, IoBuf::new(1), 0));
+    assert_send(&write_at(Aio::IoUring, &fd, IoBuf::new(1), 0));
+    assert_send(&fsync(Aio::IoUring, &fd, true));
+    assert_send(&fallocate(Aio::IoUring, &fd, 0, 0, 1));
+}
+
+#[test]
+fn test_ring_reports_defer_taskrun_choice() {
+    with_ring(async {
+        if let Some(r) = ring::current() {
+            eprintln!("defer_taskrun = {}", r.uses_defer_taskrun());
+        }
+    });
+}
+
+#[test]
+fn test_run_main_returns_output_and_uninstalls_ring() {
+    let out = crate::run_main(async { crate::current_has_ring() }).unwrap();
+    assert_eq!(out, crate::io_uring_available());
+    assert!(!crate::current_has_ring());
+}
+
+#[test]
+fn test_uring_plain_mode_without_defer_taskrun_works() {
+    if !crate::io_uring_available() {
+        return;
+    }
+    let (_tmp, fd) = temp_fd();
+    let r = ring::Ring::with_defer(false).unwrap();
+    assert!(!r.uses_defer_taskrun());
+    ring::install(r);
+    with_ring(async {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..300u64 {
+            let fd = fd.clone();
+            set.spawn(async move {
+                let (r, _) = write_at(Aio::IoUring, &fd, pattern(i, 4096), i * 4096).await;
+                assert_eq!(r.unwrap(), 4096);
+                let (r, buf) = read_at(Aio::IoUring, &fd, IoBuf::new(4096), i * 4096).await;
+                assert_eq!(r.unwrap(), 4096);
+                assert_eq!(&buf[..], &pattern(i, 4096)[..]);
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap();
+        }
+        let r = ring::current().unwrap();
+        assert!(!r.uses_defer_taskrun());
+    });
+}

@@ -1,0 +1,305 @@
+//! Exports: the NBD server and the table of exports behind
+//! `--nbd-server`, `--export`, `block-export-*` and `nbd-server-*`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use qsd_block::{BlockBackend, Perm};
+use qsd_export_nbd::{ExportOptions, ListenAddr, NbdExport, NbdServer, RemoveMode, ServerOptions};
+use qsd_qapi::options::{
+    BlockExportDelArgs, BlockExportKind, BlockExportOptions, BlockExportRemoveMode,
+    NbdServerAddArgs, NbdServerOptions, NbdServerRemoveArgs, NbdServerStartArgs, SocketAddress,
+};
+use qsd_qapi::{InputMode, Raw};
+use qsd_qmp::{ErrorClass, QmpError};
+use serde_json::{json, Map, Value};
+
+use crate::daemon::Daemon;
+
+/// One export in the table.
+#[derive(Debug)]
+struct Entry {
+    id: String,
+    node_name: String,
+    iothread: Option<String>,
+    nbd: Arc<NbdExport>,
+}
+
+/// The NBD server (if started) and every export.
+#[derive(Debug, Default)]
+pub struct Exports {
+    nbd: Option<NbdServer>,
+    list: Vec<Entry>,
+}
+
+impl Exports {
+    /// `query-block-exports`, newest first as qemu lists them.
+    pub fn query(&self) -> Value {
+        let list = self
+            .list
+            .iter()
+            .rev()
+            .map(|e| {
+                json!({"node-name": e.node_name, "shutting-down": e.nbd.is_removed(),
+                       "type": "nbd", "id": e.id})
+            })
+            .collect();
+        Value::Array(list)
+    }
+
+    /// `query-blockstats` without `query-nodes`: one entry per export backend.
+    pub fn backend_stats(&self) -> Value {
+        let list = self
+            .list
+            .iter()
+            .map(|e| json!({"node-name": e.node_name, "stats": e.nbd.backend().stats().to_json()}))
+            .collect();
+        Value::Array(list)
+    }
+
+    /// Statistics of the first export of a node, or zeroes.
+    pub fn node_stats(&self, node: &str) -> Value {
+        match self.list.iter().find(|e| e.node_name == node) {
+            Some(e) => e.nbd.backend().stats().to_json(),
+            None => qsd_block::stats::Stats::default().to_json(),
+        }
+    }
+
+    /// True when an export runs on I/O thread `id`.
+    pub fn uses_iothread(&self, id: &str) -> bool {
+        self.list.iter().any(|e| e.iothread.as_deref() == Some(id))
+    }
+
+    fn server(&self) -> Result<&NbdServer> {
+        self.nbd.as_ref().filter(|s| s.is_running()).ok_or_else(|| anyhow!("NBD server not running"))
+    }
+}
+
+fn generic(e: impl std::fmt::Display) -> QmpError {
+    QmpError { class: ErrorClass::GenericError, desc: format!("{e:#}") }
+}
+
+fn listen_addr(addr: SocketAddress) -> Result<ListenAddr> {
+    Ok(match addr {
+        SocketAddress::Unix(u) => {
+            if u.is_abstract == Some(true) {
+                bail!("abstract unix sockets are not supported by qsd");
+            }
+            ListenAddr::Unix(u.path.into())
+        }
+        SocketAddress::Inet(i) => ListenAddr::Inet { host: i.host, port: i.port },
+        SocketAddress::Fd(f) => {
+            let n: i32 = f.fd.parse().map_err(|_| anyhow!("Unable to parse FD number {}", f.fd))?;
+            ListenAddr::Fd(qsd_rt::process::take_inherited_fd(n)?)
+        }
+        SocketAddress::Vsock(_) => bail!("vsock addresses are not supported by qsd"),
+    })
+}
+
+async fn start_server(d: &Daemon, o: NbdServerOptions) -> Result<()> {
+    if o.tls_creds.is_some() || o.tls_authz.is_some() {
+        bail!("NBD over TLS is not supported by qsd yet");
+    }
+    let mut ex = d.exports.lock().await;
+    if ex.nbd.as_ref().is_some_and(NbdServer::is_running) {
+        bail!("NBD server already running");
+    }
+    let opts = ServerOptions {
+        max_connections: o.max_connections(),
+        handshake_max_seconds: o.handshake_max_seconds(),
+    };
+    let server = NbdServer::new(opts);
+    server.start(listen_addr(o.addr)?).await?;
+    ex.nbd = Some(server);
+    Ok(())
+}
+
+/// `--nbd-server`.
+pub async fn cli_nbd_server(d: &Daemon, opts: Map<String, Value>, mode: InputMode) -> Result<()> {
+    let o: NbdServerOptions = qsd_qapi::from_value(&Value::Object(opts), mode)?;
+    start_server(d, o).await
+}
+
+/// `nbd-server-start`.
+pub async fn qmp_nbd_server_start(d: &Arc<Daemon>, args: Map<String, Value>) -> Result<Value, QmpError> {
+    let a: NbdServerStartArgs =
+        qsd_qapi::from_value(&Value::Object(args), InputMode::Qmp).map_err(generic)?;
+    start_server(d, a.into()).await.map_err(generic)?;
+    Ok(json!({}))
+}
+
+/// `nbd-server-stop`: stop listening and remove every NBD export (hard).
+pub async fn qmp_nbd_server_stop(d: &Arc<Daemon>, args: Map<String, Value>) -> Result<Value, QmpError> {
+    if !args.is_empty() {
+        let k = args.keys().next().cloned().unwrap_or_default();
+        return Err(generic(format!("Parameter '{k}' is unexpected")));
+    }
+    let mut ex = d.exports.lock().await;
+    let server = ex.server().map_err(generic)?.clone();
+    for (export, gone) in server.stop() {
+        if let Some(e) = ex.list.iter().find(|e| Arc::ptr_eq(&e.nbd, &export)) {
+            watch_gone(d, e.id.clone(), gone);
+        }
+    }
+    ex.nbd = None;
+    Ok(json!({}))
+}
+
+/// Emit BLOCK_EXPORT_DELETED and forget the export once its last client is gone.
+fn watch_gone(d: &Arc<Daemon>, id: String, gone: qsd_export_nbd::ExportGone) {
+    let d = d.clone();
+    tokio::spawn(async move {
+        gone.wait().await;
+        d.exports.lock().await.list.retain(|e| e.id != id);
+        d.events.emit("BLOCK_EXPORT_DELETED", json!({ "id": id }));
+    });
+}
+
+/// `--export` and `block-export-add`.
+pub async fn add(d: &Daemon, opts: Map<String, Value>, mode: InputMode) -> Result<()> {
+    let o = BlockExportOptions::from_raw(&Raw::new(Value::Object(opts), mode))?;
+    let nbd = match &o.kind {
+        BlockExportKind::Nbd(n) => n.clone(),
+        BlockExportKind::Fuse(_) => bail!("export type 'fuse' is not supported by qsd yet"),
+        BlockExportKind::VhostUserBlk(_) => {
+            bail!("export type 'vhost-user-blk' is not supported by qsd yet")
+        }
+        BlockExportKind::VduseBlk(_) => bail!("export type 'vduse-blk' is not supported by qsd"),
+    };
+    if nbd.bitmaps.as_ref().is_some_and(|b| !b.is_empty()) {
+        bail!("exporting dirty bitmaps is not supported by qsd yet");
+    }
+    if o.writethrough == Some(true) {
+        bail!("writethrough=on is not supported by qsd yet");
+    }
+    let mut ex = d.exports.lock().await;
+    if ex.list.iter().any(|e| e.id == o.id) {
+        bail!("Block export id '{}' is already in use", o.id);
+    }
+    let server = ex.server()?.clone();
+    let node = d.graph.lock().await.lookup(&o.node_name)?;
+    let writable = o.writable.unwrap_or(false);
+    if writable && node.is_read_only() {
+        bail!("Cannot export read-only node as writable");
+    }
+    let io = match &o.iothread {
+        Some(id) => d.iothreads().handle(id).ok_or_else(|| anyhow!("iothread \"{id}\" not found"))?,
+        None => tokio::runtime::Handle::current(),
+    };
+    let name = nbd.name.clone().unwrap_or_else(|| o.node_name.clone());
+    if server.export(&name).is_some() {
+        bail!("NBD server already has export named '{name}'");
+    }
+    let perm = if writable { Perm::CONSISTENT_READ | Perm::WRITE } else { Perm::CONSISTENT_READ };
+    let backend = BlockBackend::new(node, "an unnamed block device", perm, Perm::ALL & !Perm::RESIZE)?;
+    let export = server.add_export(ExportOptions {
+        name,
+        description: nbd.description.clone(),
+        writable,
+        backend,
+        io,
+        allocation_depth: nbd.allocation_depth.unwrap_or(false),
+    })?;
+    ex.list.push(Entry { id: o.id, node_name: o.node_name, iothread: o.iothread, nbd: export });
+    Ok(())
+}
+
+/// `block-export-add`.
+pub async fn qmp_block_export_add(d: &Arc<Daemon>, args: Map<String, Value>) -> Result<Value, QmpError> {
+    add(d, args, InputMode::Qmp).await.map_err(generic)?;
+    Ok(json!({}))
+}
+
+fn remove_mode(m: Option<BlockExportRemoveMode>) -> RemoveMode {
+    match m {
+        Some(BlockExportRemoveMode::Hard) => RemoveMode::Hard,
+        _ => RemoveMode::Safe,
+    }
+}
+
+async fn remove(d: &Arc<Daemon>, id: &str, mode: RemoveMode) -> Result<()> {
+    let ex = d.exports.lock().await;
+    let Some(e) = ex.list.iter().find(|e| e.id == id) else {
+        bail!("Export '{id}' is not found");
+    };
+    if e.nbd.is_removed() {
+        bail!("Export '{id}' is already shutting down");
+    }
+    let server = ex.server()?;
+    let gone = server.remove_export(e.nbd.name(), mode).map_err(|err| match err {
+        qsd_export_nbd::Error::ExportInUse(_) => {
+            anyhow!("export '{id}' still in use (use mode='hard' to force client disconnect)")
+        }
+        other => anyhow!(other),
+    })?;
+    watch_gone(d, id.to_string(), gone);
+    Ok(())
+}
+
+/// `block-export-del`.
+pub async fn qmp_block_export_del(d: &Arc<Daemon>, args: Map<String, Value>) -> Result<Value, QmpError> {
+    let a: BlockExportDelArgs =
+        qsd_qapi::from_value(&Value::Object(args), InputMode::Qmp).map_err(generic)?;
+    remove(d, &a.id, remove_mode(a.mode)).await.map_err(generic)?;
+    Ok(json!({}))
+}
+
+/// `nbd-server-add` (deprecated in qemu; the export id is the export name).
+pub async fn qmp_nbd_server_add(d: &Arc<Daemon>, args: Map<String, Value>) -> Result<Value, QmpError> {
+    let a: NbdServerAddArgs =
+        qsd_qapi::from_value(&Value::Object(args), InputMode::Qmp).map_err(generic)?;
+    if a.bitmap.is_some() {
+        return Err(generic("exporting dirty bitmaps is not supported by qsd yet"));
+    }
+    let name = a.name.clone().unwrap_or_else(|| a.device.clone());
+    let mut opts = Map::new();
+    opts.insert("type".into(), json!("nbd"));
+    opts.insert("id".into(), json!(name));
+    opts.insert("node-name".into(), json!(a.device));
+    opts.insert("name".into(), json!(name));
+    opts.insert("writable".into(), json!(a.writable.unwrap_or(false)));
+    if let Some(desc) = a.description {
+        opts.insert("description".into(), json!(desc));
+    }
+    add(d, opts, InputMode::Qmp).await.map_err(generic)?;
+    Ok(json!({}))
+}
+
+/// `nbd-server-remove`.
+pub async fn qmp_nbd_server_remove(d: &Arc<Daemon>, args: Map<String, Value>) -> Result<Value, QmpError> {
+    let a: NbdServerRemoveArgs =
+        qsd_qapi::from_value(&Value::Object(args), InputMode::Qmp).map_err(generic)?;
+    let id = {
+        let ex = d.exports.lock().await;
+        ex.list.iter().find(|e| e.nbd.name() == a.name).map(|e| e.id.clone())
+    };
+    let Some(id) = id else {
+        return Err(generic(format!("Export '{}' is not found", a.name)));
+    };
+    remove(d, &id, remove_mode(a.mode)).await.map_err(generic)?;
+    Ok(json!({}))
+}
+
+/// Daemon shutdown: stop the server, disconnect clients (requests in flight
+/// complete first), and wait — bounded — until every export is gone.
+pub async fn shutdown(d: &Arc<Daemon>) {
+    let removed = {
+        let mut ex = d.exports.lock().await;
+        let removed = ex.nbd.take().map(|s| s.stop()).unwrap_or_default();
+        let ids: Vec<(String, qsd_export_nbd::ExportGone)> = removed
+            .into_iter()
+            .filter_map(|(exp, gone)| {
+                ex.list.iter().find(|e| Arc::ptr_eq(&e.nbd, &exp)).map(|e| (e.id.clone(), gone))
+            })
+            .collect();
+        ids
+    };
+    for (id, gone) in removed {
+        if tokio::time::timeout(Duration::from_secs(10), gone.wait()).await.is_err() {
+            tracing::warn!(export = %id, "clients did not disconnect within 10 s");
+        }
+        d.exports.lock().await.list.retain(|e| e.id != id);
+        d.events.emit("BLOCK_EXPORT_DELETED", json!({ "id": id }));
+    }
+}

@@ -1,0 +1,41 @@
+//! qsd: a storage daemon compatible with qemu-storage-daemon.
+//!
+//! `main` parses the command line, optionally daemonizes, and runs the
+//! daemon on the main thread's runtime; all wiring lives in small modules.
+
+mod chardev;
+mod cli;
+mod commands;
+mod daemon;
+mod daemonize;
+mod exports;
+mod objects;
+mod query;
+mod setup;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("qsd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<ExitCode> {
+    let cli = cli::parse(std::env::args_os().skip(1))?;
+    if cli.help {
+        print!("{}", cli::HELP);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if cli.version {
+        println!("qsd version {} (compatible with qemu-storage-daemon {})", env!("CARGO_PKG_VERSION"), daemon::QEMU_COMPAT_VERSION_STR);
+        return Ok(ExitCode::SUCCESS);
+    }
+    setup::init_logging(&cli.trace)?;
+    let ready = if cli.daemonize { Some(daemonize::fork_and_wait()?) } else { None };
+    setup::run_daemon(cli, ready)
+}
