@@ -73,7 +73,9 @@ fuzz_target!(|data: &[u8]| {
         }
         let reply = match session.handle(item, lookup) {
             Action::Reply(reply) => reply,
-            Action::Dispatch(req) => qsd_qmp::success_response(Value::Object(req.arguments), req.id),
+            Action::Dispatch(req) => {
+                qsd_qmp::success_response(Value::Object(req.arguments), req.id)
+            }
         };
         check_roundtrip(&reply);
     }

@@ -25,10 +25,16 @@ pub fn create(arg: &str) -> Result<(String, Chardev)> {
     }
     let o = ChardevSocketOptions::from_opts(&parsed.value)?;
     if o.backend != "socket" {
-        bail!("chardev backend '{}' is not supported by qsd (use 'socket')", o.backend);
+        bail!(
+            "chardev backend '{}' is not supported by qsd (use 'socket')",
+            o.backend
+        );
     }
     if o.fd.is_none() && o.server != Some(true) {
-        bail!("chardev '{}': only server sockets (server=on) are supported", o.id);
+        bail!(
+            "chardev '{}': only server sockets (server=on) are supported",
+            o.id
+        );
     }
     if o.wait == Some(true) {
         bail!("chardev '{}': wait=on is not supported; use wait=off", o.id);
@@ -64,6 +70,8 @@ fn bind_tcp(host: &str, port: Option<&str>) -> Result<Chardev> {
 }
 
 fn take_fd(fd: &str) -> Result<OwnedFd> {
-    let n: i32 = fd.parse().map_err(|_| anyhow!("Unable to parse FD number {fd}"))?;
+    let n: i32 = fd
+        .parse()
+        .map_err(|_| anyhow!("Unable to parse FD number {fd}"))?;
     Ok(qsd_rt::process::take_inherited_fd(n)?)
 }

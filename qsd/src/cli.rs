@@ -100,7 +100,9 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli> {
 
 fn take_value(p: &mut lexopt::Parser, name: &str) -> Result<String> {
     match p.value() {
-        Ok(v) => v.into_string().map_err(|_| anyhow::anyhow!("{name}: argument is not valid UTF-8")),
+        Ok(v) => v
+            .into_string()
+            .map_err(|_| anyhow::anyhow!("{name}: argument is not valid UTF-8")),
         Err(_) => bail!("option '{name}' requires an argument"),
     }
 }
@@ -171,10 +173,22 @@ mod tests {
 
     #[test]
     fn test_parse_keeps_order_of_items() {
-        let cli = parse(args(&["--blockdev", "a", "--export", "b", "--blockdev", "c"])).unwrap();
+        let cli = parse(args(&[
+            "--blockdev",
+            "a",
+            "--export",
+            "b",
+            "--blockdev",
+            "c",
+        ]))
+        .unwrap();
         assert_eq!(
             cli.items,
-            vec![Item::Blockdev("a".into()), Item::Export("b".into()), Item::Blockdev("c".into())]
+            vec![
+                Item::Blockdev("a".into()),
+                Item::Export("b".into()),
+                Item::Blockdev("c".into())
+            ]
         );
     }
 

@@ -46,7 +46,11 @@ pub const EVENTS: &[&str] = &["BLOCK_EXPORT_DELETED", "SHUTDOWN"];
 pub struct Commands(pub Arc<Daemon>);
 
 impl Dispatcher for Commands {
-    fn dispatch(&self, name: &str, args: Map<String, Value>) -> BoxFuture<'static, Result<Value, QmpError>> {
+    fn dispatch(
+        &self,
+        name: &str,
+        args: Map<String, Value>,
+    ) -> BoxFuture<'static, Result<Value, QmpError>> {
         let d = self.0.clone();
         let name = name.to_string();
         Box::pin(async move { run(&d, &name, args).await })
@@ -56,7 +60,10 @@ impl Dispatcher for Commands {
 type CmdResult = Result<Value, QmpError>;
 
 fn generic(e: impl std::fmt::Display) -> QmpError {
-    QmpError { class: ErrorClass::GenericError, desc: e.to_string() }
+    QmpError {
+        class: ErrorClass::GenericError,
+        desc: e.to_string(),
+    }
 }
 
 fn parse<T: DeserializeOwned>(args: Map<String, Value>) -> Result<T, QmpError> {
@@ -75,7 +82,9 @@ async fn run(d: &Arc<Daemon>, name: &str, args: Map<String, Value>) -> CmdResult
     match name {
         "query-version" => no_args(args).map(|()| query::version()),
         "query-commands" => no_args(args).map(|()| query_commands()),
-        "query-qmp-schema" => no_args(args).map(|()| qsd_qapi::schema::qmp_schema(COMMANDS, EVENTS)),
+        "query-qmp-schema" => {
+            no_args(args).map(|()| qsd_qapi::schema::qmp_schema(COMMANDS, EVENTS))
+        }
         "quit" => quit(d, args),
         "blockdev-add" => blockdev_add(d, args).await,
         "blockdev-del" => blockdev_del(d, args).await,
@@ -114,7 +123,12 @@ fn quit(d: &Daemon, args: Map<String, Value>) -> CmdResult {
 }
 
 async fn blockdev_add(d: &Daemon, args: Map<String, Value>) -> CmdResult {
-    d.graph.lock().await.open(args, InputMode::Qmp).await.map_err(generic)?;
+    d.graph
+        .lock()
+        .await
+        .open(args, InputMode::Qmp)
+        .await
+        .map_err(generic)?;
     Ok(json!({}))
 }
 
@@ -126,7 +140,12 @@ struct NodeNameArg {
 
 async fn blockdev_del(d: &Daemon, args: Map<String, Value>) -> CmdResult {
     let a: NodeNameArg = parse(args)?;
-    d.graph.lock().await.delete(&a.node_name).await.map_err(generic)?;
+    d.graph
+        .lock()
+        .await
+        .delete(&a.node_name)
+        .await
+        .map_err(generic)?;
     Ok(json!({}))
 }
 
@@ -158,7 +177,7 @@ async fn query_blockstats(d: &Daemon, args: Map<String, Value>) -> CmdResult {
         let graph = d.graph.lock().await;
         let list = graph
             .nodes_newest_first()
-            .map(|n| json!({"node-name": n.name(), "stats": exports.node_stats(n.name())}))
+            .map(|n| exports.node_stats(n))
             .collect();
         return Ok(Value::Array(list));
     }
@@ -184,6 +203,9 @@ async fn block_resize(d: &Daemon, args: Map<String, Value>) -> CmdResult {
         return Err(generic("Parameter 'size' expects a >0 size"));
     }
     let node = d.graph.lock().await.lookup(&name).map_err(generic)?;
+    if node.is_read_only() {
+        return Err(generic("Image is read-only"));
+    }
     let blk = BlockBackend::new(node, "an unnamed block device", Perm::RESIZE, Perm::ALL)
         .map_err(generic)?;
     blk.truncate(a.size as u64).await.map_err(generic)?;

@@ -89,12 +89,20 @@ impl Daemon {
 
     /// Remember a unix socket path to remove at exit.
     pub fn remember_socket(&self, path: String) {
-        self.sockets.lock().unwrap_or_else(|p| p.into_inner()).push(path);
+        self.sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(path);
     }
 
     /// Remove the unix sockets we bound.
     pub fn remove_sockets(&self) {
-        for p in self.sockets.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        for p in self
+            .sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
             let _ = std::fs::remove_file(p);
         }
     }

@@ -48,7 +48,11 @@ pub fn fork_and_wait() -> Result<ReadySignal> {
 }
 
 fn redirect_stdio_to_null() {
-    let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") else {
+    let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    else {
         return;
     };
     let _ = nix::unistd::dup2_stdin(&null);

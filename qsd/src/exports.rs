@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
-use qsd_block::{BlockBackend, Perm};
+use qsd_block::{BlockBackend, NodeRef, Perm};
 use qsd_export_nbd::{ExportOptions, ListenAddr, NbdExport, NbdServer, RemoveMode, ServerOptions};
 use qsd_qapi::options::{
     BlockExportDelArgs, BlockExportKind, BlockExportOptions, BlockExportRemoveMode,
@@ -58,12 +58,20 @@ impl Exports {
         Value::Array(list)
     }
 
-    /// Statistics of the first export of a node, or zeroes.
-    pub fn node_stats(&self, node: &str) -> Value {
-        match self.list.iter().find(|e| e.node_name == node) {
-            Some(e) => e.nbd.backend().stats().to_json(),
-            None => qsd_block::stats::Stats::default().to_json(),
+    /// A `query-nodes` entry: the node's own `wr_highest_offset`, the
+    /// counters of its first export (zeroes if it has none), and its `file`
+    /// child's entry as `parent` (qemu's naming).
+    pub fn node_stats(&self, node: &NodeRef) -> Value {
+        let highest = node.wr_highest_offset();
+        let stats = match self.list.iter().find(|e| e.node_name == node.name()) {
+            Some(e) => e.nbd.backend().stats().to_json_with_highest(highest),
+            None => qsd_block::stats::Stats::default().to_json_with_highest(highest),
+        };
+        let mut entry = json!({"node-name": node.name(), "stats": stats});
+        if let Some(file) = node.children().iter().find(|c| c.role == "file") {
+            entry["parent"] = self.node_stats(&file.node);
         }
+        entry
     }
 
     /// True when an export runs on I/O thread `id`.
@@ -72,12 +80,18 @@ impl Exports {
     }
 
     fn server(&self) -> Result<&NbdServer> {
-        self.nbd.as_ref().filter(|s| s.is_running()).ok_or_else(|| anyhow!("NBD server not running"))
+        self.nbd
+            .as_ref()
+            .filter(|s| s.is_running())
+            .ok_or_else(|| anyhow!("NBD server not running"))
     }
 }
 
 fn generic(e: impl std::fmt::Display) -> QmpError {
-    QmpError { class: ErrorClass::GenericError, desc: format!("{e:#}") }
+    QmpError {
+        class: ErrorClass::GenericError,
+        desc: format!("{e:#}"),
+    }
 }
 
 fn listen_addr(addr: SocketAddress) -> Result<ListenAddr> {
@@ -88,9 +102,14 @@ fn listen_addr(addr: SocketAddress) -> Result<ListenAddr> {
             }
             ListenAddr::Unix(u.path.into())
         }
-        SocketAddress::Inet(i) => ListenAddr::Inet { host: i.host, port: i.port },
+        SocketAddress::Inet(i) => ListenAddr::Inet {
+            host: i.host,
+            port: i.port,
+        },
         SocketAddress::Fd(f) => {
-            let n: i32 = f.fd.parse().map_err(|_| anyhow!("Unable to parse FD number {}", f.fd))?;
+            let n: i32 =
+                f.fd.parse()
+                    .map_err(|_| anyhow!("Unable to parse FD number {}", f.fd))?;
             ListenAddr::Fd(qsd_rt::process::take_inherited_fd(n)?)
         }
         SocketAddress::Vsock(_) => bail!("vsock addresses are not supported by qsd"),
@@ -122,7 +141,10 @@ pub async fn cli_nbd_server(d: &Daemon, opts: Map<String, Value>, mode: InputMod
 }
 
 /// `nbd-server-start`.
-pub async fn qmp_nbd_server_start(d: &Arc<Daemon>, args: Map<String, Value>) -> Result<Value, QmpError> {
+pub async fn qmp_nbd_server_start(
+    d: &Arc<Daemon>,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
     let a: NbdServerStartArgs =
         qsd_qapi::from_value(&Value::Object(args), InputMode::Qmp).map_err(generic)?;
     start_server(d, a.into()).await.map_err(generic)?;
@@ -130,7 +152,10 @@ pub async fn qmp_nbd_server_start(d: &Arc<Daemon>, args: Map<String, Value>) -> 
 }
 
 /// `nbd-server-stop`: stop listening and remove every NBD export (hard).
-pub async fn qmp_nbd_server_stop(d: &Arc<Daemon>, args: Map<String, Value>) -> Result<Value, QmpError> {
+pub async fn qmp_nbd_server_stop(
+    d: &Arc<Daemon>,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
     if !args.is_empty() {
         let k = args.keys().next().cloned().unwrap_or_default();
         return Err(generic(format!("Parameter '{k}' is unexpected")));
@@ -184,15 +209,27 @@ pub async fn add(d: &Daemon, opts: Map<String, Value>, mode: InputMode) -> Resul
         bail!("Cannot export read-only node as writable");
     }
     let io = match &o.iothread {
-        Some(id) => d.iothreads().handle(id).ok_or_else(|| anyhow!("iothread \"{id}\" not found"))?,
+        Some(id) => d
+            .iothreads()
+            .handle(id)
+            .ok_or_else(|| anyhow!("iothread \"{id}\" not found"))?,
         None => tokio::runtime::Handle::current(),
     };
     let name = nbd.name.clone().unwrap_or_else(|| o.node_name.clone());
     if server.export(&name).is_some() {
         bail!("NBD server already has export named '{name}'");
     }
-    let perm = if writable { Perm::CONSISTENT_READ | Perm::WRITE } else { Perm::CONSISTENT_READ };
-    let backend = BlockBackend::new(node, "an unnamed block device", perm, Perm::ALL & !Perm::RESIZE)?;
+    let perm = if writable {
+        Perm::CONSISTENT_READ | Perm::WRITE
+    } else {
+        Perm::CONSISTENT_READ
+    };
+    let backend = BlockBackend::new(
+        node,
+        "an unnamed block device",
+        perm,
+        Perm::ALL & !Perm::RESIZE,
+    )?;
     let export = server.add_export(ExportOptions {
         name,
         description: nbd.description.clone(),
@@ -201,12 +238,20 @@ pub async fn add(d: &Daemon, opts: Map<String, Value>, mode: InputMode) -> Resul
         io,
         allocation_depth: nbd.allocation_depth.unwrap_or(false),
     })?;
-    ex.list.push(Entry { id: o.id, node_name: o.node_name, iothread: o.iothread, nbd: export });
+    ex.list.push(Entry {
+        id: o.id,
+        node_name: o.node_name,
+        iothread: o.iothread,
+        nbd: export,
+    });
     Ok(())
 }
 
 /// `block-export-add`.
-pub async fn qmp_block_export_add(d: &Arc<Daemon>, args: Map<String, Value>) -> Result<Value, QmpError> {
+pub async fn qmp_block_export_add(
+    d: &Arc<Daemon>,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
     add(d, args, InputMode::Qmp).await.map_err(generic)?;
     Ok(json!({}))
 }
@@ -227,30 +272,42 @@ async fn remove(d: &Arc<Daemon>, id: &str, mode: RemoveMode) -> Result<()> {
         bail!("Export '{id}' is already shutting down");
     }
     let server = ex.server()?;
-    let gone = server.remove_export(e.nbd.name(), mode).map_err(|err| match err {
-        qsd_export_nbd::Error::ExportInUse(_) => {
-            anyhow!("export '{id}' still in use (use mode='hard' to force client disconnect)")
-        }
-        other => anyhow!(other),
-    })?;
+    let gone = server
+        .remove_export(e.nbd.name(), mode)
+        .map_err(|err| match err {
+            qsd_export_nbd::Error::ExportInUse(_) => {
+                anyhow!("export '{id}' still in use (use mode='hard' to force client disconnect)")
+            }
+            other => anyhow!(other),
+        })?;
     watch_gone(d, id.to_string(), gone);
     Ok(())
 }
 
 /// `block-export-del`.
-pub async fn qmp_block_export_del(d: &Arc<Daemon>, args: Map<String, Value>) -> Result<Value, QmpError> {
+pub async fn qmp_block_export_del(
+    d: &Arc<Daemon>,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
     let a: BlockExportDelArgs =
         qsd_qapi::from_value(&Value::Object(args), InputMode::Qmp).map_err(generic)?;
-    remove(d, &a.id, remove_mode(a.mode)).await.map_err(generic)?;
+    remove(d, &a.id, remove_mode(a.mode))
+        .await
+        .map_err(generic)?;
     Ok(json!({}))
 }
 
 /// `nbd-server-add` (deprecated in qemu; the export id is the export name).
-pub async fn qmp_nbd_server_add(d: &Arc<Daemon>, args: Map<String, Value>) -> Result<Value, QmpError> {
+pub async fn qmp_nbd_server_add(
+    d: &Arc<Daemon>,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
     let a: NbdServerAddArgs =
         qsd_qapi::from_value(&Value::Object(args), InputMode::Qmp).map_err(generic)?;
     if a.bitmap.is_some() {
-        return Err(generic("exporting dirty bitmaps is not supported by qsd yet"));
+        return Err(generic(
+            "exporting dirty bitmaps is not supported by qsd yet",
+        ));
     }
     let name = a.name.clone().unwrap_or_else(|| a.device.clone());
     let mut opts = Map::new();
@@ -267,12 +324,18 @@ pub async fn qmp_nbd_server_add(d: &Arc<Daemon>, args: Map<String, Value>) -> Re
 }
 
 /// `nbd-server-remove`.
-pub async fn qmp_nbd_server_remove(d: &Arc<Daemon>, args: Map<String, Value>) -> Result<Value, QmpError> {
+pub async fn qmp_nbd_server_remove(
+    d: &Arc<Daemon>,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
     let a: NbdServerRemoveArgs =
         qsd_qapi::from_value(&Value::Object(args), InputMode::Qmp).map_err(generic)?;
     let id = {
         let ex = d.exports.lock().await;
-        ex.list.iter().find(|e| e.nbd.name() == a.name).map(|e| e.id.clone())
+        ex.list
+            .iter()
+            .find(|e| e.nbd.name() == a.name)
+            .map(|e| e.id.clone())
     };
     let Some(id) = id else {
         return Err(generic(format!("Export '{}' is not found", a.name)));
@@ -290,13 +353,19 @@ pub async fn shutdown(d: &Arc<Daemon>) {
         let ids: Vec<(String, qsd_export_nbd::ExportGone)> = removed
             .into_iter()
             .filter_map(|(exp, gone)| {
-                ex.list.iter().find(|e| Arc::ptr_eq(&e.nbd, &exp)).map(|e| (e.id.clone(), gone))
+                ex.list
+                    .iter()
+                    .find(|e| Arc::ptr_eq(&e.nbd, &exp))
+                    .map(|e| (e.id.clone(), gone))
             })
             .collect();
         ids
     };
     for (id, gone) in removed {
-        if tokio::time::timeout(Duration::from_secs(10), gone.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), gone.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(export = %id, "clients did not disconnect within 10 s");
         }
         d.exports.lock().await.list.retain(|e| e.id != id);

@@ -3,6 +3,9 @@
 //! `main` parses the command line, optionally daemonizes, and runs the
 //! daemon on the main thread's runtime; all wiring lives in small modules.
 
+#![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 mod chardev;
 mod cli;
 mod commands;
@@ -32,10 +35,18 @@ fn run() -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if cli.version {
-        println!("qsd version {} (compatible with qemu-storage-daemon {})", env!("CARGO_PKG_VERSION"), daemon::QEMU_COMPAT_VERSION_STR);
+        println!(
+            "qsd version {} (compatible with qemu-storage-daemon {})",
+            env!("CARGO_PKG_VERSION"),
+            daemon::QEMU_COMPAT_VERSION_STR
+        );
         return Ok(ExitCode::SUCCESS);
     }
     setup::init_logging(&cli.trace)?;
-    let ready = if cli.daemonize { Some(daemonize::fork_and_wait()?) } else { None };
+    let ready = if cli.daemonize {
+        Some(daemonize::fork_and_wait()?)
+    } else {
+        None
+    };
     setup::run_daemon(cli, ready)
 }

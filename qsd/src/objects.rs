@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 
 use anyhow::{anyhow, bail, Result};
+use qsd_qapi::options::IothreadProps;
 use qsd_qapi::InputMode;
 use qsd_rt::IoThread;
-use qsd_qapi::options::IothreadProps;
 use serde_json::{json, Map, Value};
 
 /// The running I/O threads by id.
@@ -49,10 +49,24 @@ impl IoThreads {
 
 /// Object types qemu knows; only those we implement are accepted.
 const QEMU_OBJECT_TYPES: &[&str] = &[
-    "authz-list", "authz-listfile", "authz-pam", "authz-simple", "iothread", "main-loop",
-    "secret", "secret_keyring", "throttle-group", "tls-creds-anon", "tls-creds-psk",
-    "tls-creds-x509", "tls-cipher-suites", "memory-backend-file", "memory-backend-memfd",
-    "memory-backend-ram", "pr-manager-helper", "x-vfio-user-server",
+    "authz-list",
+    "authz-listfile",
+    "authz-pam",
+    "authz-simple",
+    "iothread",
+    "main-loop",
+    "secret",
+    "secret_keyring",
+    "throttle-group",
+    "tls-creds-anon",
+    "tls-creds-psk",
+    "tls-creds-x509",
+    "tls-cipher-suites",
+    "memory-backend-file",
+    "memory-backend-memfd",
+    "memory-backend-ram",
+    "pr-manager-helper",
+    "x-vfio-user-server",
 ];
 
 /// Create an object from `object-add` arguments or `--object` options.
@@ -66,7 +80,8 @@ pub fn add(threads: &mut IoThreads, mut args: Map<String, Value>, mode: InputMod
             if threads.threads.contains_key(&id) {
                 bail!("attempt to add duplicate property '{id}' to object (type 'container')");
             }
-            let t = IoThread::spawn(&id).map_err(|e| anyhow!("cannot start iothread '{id}': {e}"))?;
+            let t =
+                IoThread::spawn(&id).map_err(|e| anyhow!("cannot start iothread '{id}': {e}"))?;
             threads.threads.insert(id, (t, props));
             Ok(())
         }

@@ -23,10 +23,15 @@ pub fn init_logging(patterns: &[String]) -> Result<()> {
     let mut filter = EnvFilter::try_from_env("QSD_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
     for p in patterns {
         let p = p.strip_prefix("enable=").unwrap_or(p);
-        let directive = p.parse().map_err(|e| anyhow!("-T {p}: invalid trace pattern: {e}"))?;
+        let directive = p
+            .parse()
+            .map_err(|e| anyhow!("-T {p}: invalid trace pattern: {e}"))?;
         filter = filter.add_directive(directive);
     }
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     Ok(())
 }
 
@@ -62,7 +67,9 @@ pub fn run_daemon(cli: Cli, ready: Option<ReadySignal>) -> Result<ExitCode> {
 
 async fn setup_all(d: &Arc<Daemon>, cli: &Cli) -> Result<()> {
     for item in &cli.items {
-        setup_item(d, item).await.map_err(|e| anyhow!("{} {}: {e:#}", item.flag(), item.arg()))?;
+        setup_item(d, item)
+            .await
+            .map_err(|e| anyhow!("{} {}: {e:#}", item.flag(), item.arg()))?;
     }
     Ok(())
 }
@@ -107,7 +114,11 @@ async fn setup_item(d: &Arc<Daemon>, item: &Item) -> Result<()> {
     Ok(())
 }
 
-fn start_monitor(d: &Arc<Daemon>, opts: serde_json::Map<String, Value>, mode: InputMode) -> Result<()> {
+fn start_monitor(
+    d: &Arc<Daemon>,
+    opts: serde_json::Map<String, Value>,
+    mode: InputMode,
+) -> Result<()> {
     let m: MonitorOptions = qsd_qapi::from_value(&Value::Object(opts), mode)?;
     if m.mode() != MonitorMode::Control {
         bail!("Only QMP is supported");
@@ -124,7 +135,12 @@ fn start_monitor(d: &Arc<Daemon>, opts: serde_json::Map<String, Value>, mode: In
         package: format!("qsd {}", env!("CARGO_PKG_VERSION")),
     };
     let dispatcher: Arc<dyn qsd_qmp::Dispatcher> = Arc::new(Commands(d.clone()));
-    let monitor = qsd_qmp::Monitor::new(dispatcher, d.events.clone(), greeting, m.pretty.unwrap_or(false));
+    let monitor = qsd_qmp::Monitor::new(
+        dispatcher,
+        d.events.clone(),
+        greeting,
+        m.pretty.unwrap_or(false),
+    );
     match dev {
         Chardev::Unix(l, path) => {
             l.set_nonblocking(true)?;
@@ -172,11 +188,15 @@ async fn wait_for_stop(d: &Daemon) -> StopReason {
 /// Orderly stop: stop accepting clients, remove exports (completing
 /// requests in flight), flush and close every node, stop I/O threads.
 async fn shutdown(d: &Arc<Daemon>) {
-    if d.stopped_reason_is_quit() {
-        d.events.emit("SHUTDOWN", serde_json::json!({"guest": false, "reason": "host-qmp-quit"}));
+    let reason = if d.stopped_reason_is_quit() {
+        "host-qmp-quit"
     } else {
-        d.events.emit("SHUTDOWN", serde_json::json!({"guest": false, "reason": "host-signal"}));
-    }
+        "host-signal"
+    };
+    d.events.emit(
+        "SHUTDOWN",
+        serde_json::json!({"guest": false, "reason": reason}),
+    );
     exports::shutdown(d).await;
     d.graph.lock().await.close_all().await;
     d.iothreads().stop_all();
@@ -186,4 +206,6 @@ async fn shutdown(d: &Arc<Daemon>) {
         }
     }
     d.remove_sockets();
+    // Let monitor sessions write the events above before the process exits.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
 }

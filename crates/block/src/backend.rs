@@ -37,9 +37,17 @@ impl BlockBackend {
     /// Attach to `node` as `who` (qemu's words: "block device 'x'", "export 'e'"),
     /// taking `perm` and sharing `shared`.
     pub fn new(node: NodeRef, who: &str, perm: Perm, shared: Perm) -> Result<Self> {
-        let desc = UserDesc { who: who.to_string(), role: "root".to_string() };
+        let desc = UserDesc {
+            who: who.to_string(),
+            role: "root".to_string(),
+        };
         let user = node.add_user(desc, perm, shared)?;
-        Ok(BlockBackend(Arc::new(Inner { node, perm, stats: Stats::default(), _user: user })))
+        Ok(BlockBackend(Arc::new(Inner {
+            node,
+            perm,
+            stats: Stats::default(),
+            _user: user,
+        })))
     }
 
     /// The node this backend is attached to.
@@ -109,7 +117,8 @@ impl BlockBackend {
     pub async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         let len = buf.len() as u64;
         self.check_range(OpKind::Read, offset, len)?;
-        self.counted(OpKind::Read, len, self.0.node.read(offset, buf)).await
+        self.counted(OpKind::Read, len, self.0.node.read(offset, buf))
+            .await
     }
 
     /// Write `buf` at `offset`.
@@ -117,7 +126,9 @@ impl BlockBackend {
         let len = buf.len() as u64;
         self.check_write(OpKind::Write)?;
         self.check_range(OpKind::Write, offset, len)?;
-        let r = self.counted(OpKind::Write, len, self.0.node.write(offset, buf, flags)).await;
+        let r = self
+            .counted(OpKind::Write, len, self.0.node.write(offset, buf, flags))
+            .await;
         if r.is_ok() {
             self.0.stats.wrote_up_to(offset + len);
         }
@@ -128,7 +139,13 @@ impl BlockBackend {
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.check_write(OpKind::Write)?;
         self.check_range(OpKind::Write, offset, len)?;
-        let r = self.counted(OpKind::Write, len, self.0.node.write_zeroes(offset, len, flags)).await;
+        let r = self
+            .counted(
+                OpKind::Write,
+                len,
+                self.0.node.write_zeroes(offset, len, flags),
+            )
+            .await;
         if r.is_ok() {
             self.0.stats.wrote_up_to(offset + len);
         }
@@ -139,7 +156,8 @@ impl BlockBackend {
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_write(OpKind::Unmap)?;
         self.check_range(OpKind::Unmap, offset, len)?;
-        self.counted(OpKind::Unmap, len, self.0.node.discard(offset, len)).await
+        self.counted(OpKind::Unmap, len, self.0.node.discard(offset, len))
+            .await
     }
 
     /// Flush the node.
@@ -156,7 +174,10 @@ impl BlockBackend {
     /// Resize the node (needs the resize permission).
     pub async fn truncate(&self, size: u64) -> Result<()> {
         if !self.0.perm.contains(Perm::RESIZE) {
-            return Err(Error::new(ErrorKind::PermissionConflict, "resize permission not held"));
+            return Err(Error::new(
+                ErrorKind::PermissionConflict,
+                "resize permission not held",
+            ));
         }
         self.0.node.truncate(size).await
     }
@@ -169,14 +190,27 @@ mod tests {
     use crate::node::{CommonOptions, Node};
 
     fn node(read_only: bool) -> NodeRef {
-        let opts = CommonOptions { read_only, discard_unmap: true, ..CommonOptions::default() };
-        Node::new("n0".into(), false, opts, Box::new(MemDriver::new(1 << 20)), vec![])
+        let opts = CommonOptions {
+            read_only,
+            discard_unmap: true,
+            ..CommonOptions::default()
+        };
+        Node::new(
+            "n0".into(),
+            false,
+            opts,
+            Box::new(MemDriver::new(1 << 20)),
+            vec![],
+        )
     }
 
     #[tokio::test]
     async fn test_backend_write_past_end_is_invalid_and_counted() {
         let blk = BlockBackend::new(node(false), "export 'e'", Perm::ALL, Perm::ALL).unwrap();
-        let err = blk.write(1 << 20, IoBuf::new(512), WriteFlags::default()).await.unwrap_err();
+        let err = blk
+            .write(1 << 20, IoBuf::new(512), WriteFlags::default())
+            .await
+            .unwrap_err();
         assert_eq!(err.errno(), libc_errno::EINVAL);
         assert_eq!(blk.stats().to_json()["invalid_wr_operations"], 1);
     }
@@ -190,18 +224,25 @@ mod tests {
     #[tokio::test]
     async fn test_backend_stats_count_bytes() {
         let blk = BlockBackend::new(node(false), "export 'e'", Perm::ALL, Perm::ALL).unwrap();
-        blk.write(4096, IoBuf::from_slice(&[7; 4096]), WriteFlags::default()).await.unwrap();
+        blk.write(4096, IoBuf::from_slice(&[7; 4096]), WriteFlags::default())
+            .await
+            .unwrap();
         let got = blk.read(4096, IoBuf::new(4096)).await.unwrap();
         assert!(got.iter().all(|&b| b == 7));
         let s = blk.stats().to_json();
-        assert_eq!((s["wr_bytes"].as_u64(), s["rd_bytes"].as_u64()), (Some(4096), Some(4096)));
+        assert_eq!(
+            (s["wr_bytes"].as_u64(), s["rd_bytes"].as_u64()),
+            (Some(4096), Some(4096))
+        );
         assert_eq!(s["wr_highest_offset"], 8192);
     }
 
     #[tokio::test]
     async fn test_backend_unaligned_write_read_roundtrip() {
         let blk = BlockBackend::new(node(false), "e", Perm::ALL, Perm::ALL).unwrap();
-        blk.write(4000, IoBuf::from_slice(&[9; 200]), WriteFlags::default()).await.unwrap();
+        blk.write(4000, IoBuf::from_slice(&[9; 200]), WriteFlags::default())
+            .await
+            .unwrap();
         let got = blk.read(3999, IoBuf::new(202)).await.unwrap();
         assert_eq!(got[0], 0);
         assert!(got[1..201].iter().all(|&b| b == 9));

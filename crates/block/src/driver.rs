@@ -46,12 +46,24 @@ pub struct BlockStatus {
 impl BlockStatus {
     /// Status of an ordinary data range.
     pub fn data(len: u64) -> Self {
-        BlockStatus { len, data: true, zero: false, allocated: true, depth: 1 }
+        BlockStatus {
+            len,
+            data: true,
+            zero: false,
+            allocated: true,
+            depth: 1,
+        }
     }
 
     /// Status of a hole that reads as zeroes.
     pub fn hole(len: u64) -> Self {
-        BlockStatus { len, data: false, zero: true, allocated: true, depth: 1 }
+        BlockStatus {
+            len,
+            data: false,
+            zero: true,
+            allocated: true,
+            depth: 1,
+        }
     }
 }
 
@@ -69,7 +81,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { request_alignment: 1, max_transfer: 0, opt_transfer: 0 }
+        Limits {
+            request_alignment: 1,
+            max_transfer: 0,
+            opt_transfer: 0,
+        }
     }
 }
 
@@ -99,6 +115,11 @@ pub trait BlockDriver: Send + Sync + 'static {
 
     /// Current size in bytes.
     fn len(&self) -> u64;
+
+    /// True for a zero-length device.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 
     /// I/O limits.
     fn limits(&self) -> Limits {

@@ -47,7 +47,11 @@ impl Error {
             ErrorKind::Unsupported => libc_errno::ENOTSUP,
             ErrorKind::Busy => libc_errno::EBUSY,
         };
-        Error { kind, msg: msg.into(), errno }
+        Error {
+            kind,
+            msg: msg.into(),
+            errno,
+        }
     }
 
     /// An I/O error: `what` says which operation on which object failed.

@@ -77,16 +77,24 @@ impl CommonArgs {
             read_only: self.read_only.unwrap_or(base.read_only),
             auto_read_only: self.auto_read_only.unwrap_or(base.auto_read_only),
             force_share: self.force_share.unwrap_or(base.force_share),
-            discard_unmap: self.discard.map_or(base.discard_unmap, |d| d == DiscardArg::Unmap),
+            discard_unmap: self
+                .discard
+                .map_or(base.discard_unmap, |d| d == DiscardArg::Unmap),
             detect_zeroes: self.detect_zeroes.unwrap_or(DetectZeroes::Off),
             cache_direct: cache.and_then(|c| c.direct).unwrap_or(base.cache_direct),
-            cache_no_flush: cache.and_then(|c| c.no_flush).unwrap_or(base.cache_no_flush),
+            cache_no_flush: cache
+                .and_then(|c| c.no_flush)
+                .unwrap_or(base.cache_no_flush),
         };
         if self.active == Some(false) {
-            return Err(Error::unsupported("inactive nodes (active=off) are not supported by qsd"));
+            return Err(Error::unsupported(
+                "inactive nodes (active=off) are not supported by qsd",
+            ));
         }
         if opts.force_share && !opts.read_only {
-            return Err(Error::invalid("force-share=on can only be used with read-only images"));
+            return Err(Error::invalid(
+                "force-share=on can only be used with read-only images",
+            ));
         }
         if opts.detect_zeroes == DetectZeroes::Unmap && !opts.discard_unmap {
             return Err(Error::invalid(
@@ -98,9 +106,13 @@ impl CommonArgs {
 }
 
 /// Split `blockdev-add` options into the common part and the driver's part.
-fn split_common(opts: Map<String, Value>, mode: InputMode) -> Result<(CommonArgs, Map<String, Value>)> {
-    let (common, rest): (Map<String, Value>, Map<String, Value>) =
-        opts.into_iter().partition(|(k, _)| COMMON_KEYS.contains(&k.as_str()));
+fn split_common(
+    opts: Map<String, Value>,
+    mode: InputMode,
+) -> Result<(CommonArgs, Map<String, Value>)> {
+    let (common, rest): (Map<String, Value>, Map<String, Value>) = opts
+        .into_iter()
+        .partition(|(k, _)| COMMON_KEYS.contains(&k.as_str()));
     let args: CommonArgs = from_value(&Value::Object(common), mode)?;
     Ok((args, rest))
 }
@@ -153,7 +165,9 @@ impl OpenCtx<'_> {
         opts: &mut Map<String, Value>,
         key: &str,
     ) -> Result<Option<NodeRef>> {
-        let Some(v) = opts.remove(key) else { return Ok(None) };
+        let Some(v) = opts.remove(key) else {
+            return Ok(None);
+        };
         let node = match v {
             Value::String(name) => self.graph.lookup_for_child(&name)?,
             Value::Object(o) => {
@@ -166,7 +180,10 @@ impl OpenCtx<'_> {
                 )))
             }
         };
-        self.children.push(ChildLink { role: key.to_string(), node: node.clone() });
+        self.children.push(ChildLink {
+            role: key.to_string(),
+            node: node.clone(),
+        });
         Ok(Some(node))
     }
 
@@ -199,7 +216,9 @@ pub struct Graph {
 
 impl std::fmt::Debug for Graph {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Graph").field("nodes", &self.nodes.keys()).finish()
+        f.debug_struct("Graph")
+            .field("nodes", &self.nodes.keys())
+            .finish()
     }
 }
 
@@ -239,7 +258,10 @@ impl Graph {
     /// A node by name, or qemu's error for a missing one.
     pub fn lookup(&self, name: &str) -> Result<NodeRef> {
         self.get(name).ok_or_else(|| {
-            Error::new(ErrorKind::NotFound, format!("Cannot find device='' nor node-name='{name}'"))
+            Error::new(
+                ErrorKind::NotFound,
+                format!("Cannot find device='' nor node-name='{name}'"),
+            )
         })
     }
 
@@ -256,7 +278,9 @@ impl Graph {
     /// must be named; inline children get qemu-style generated names.
     pub async fn open(&mut self, opts: Map<String, Value>, mode: InputMode) -> Result<NodeRef> {
         if !opts.contains_key("node-name") {
-            return Err(Error::invalid("'node-name' must be specified for the root node"));
+            return Err(Error::invalid(
+                "'node-name' must be specified for the root node",
+            ));
         }
         self.open_inner(opts, mode, None).await
     }
@@ -273,9 +297,16 @@ impl Graph {
             Some(n) => self.check_new_name(n)?,
             None => self.auto_name(),
         };
-        let factory = self.factories.get(args.driver.as_str()).cloned().ok_or_else(|| {
-            Error::invalid(format!("Parameter 'driver' does not accept value '{}'", args.driver))
-        })?;
+        let factory = self
+            .factories
+            .get(args.driver.as_str())
+            .cloned()
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "Parameter 'driver' does not accept value '{}'",
+                    args.driver
+                ))
+            })?;
         let common = args.resolve(parent)?;
         let mut ctx = OpenCtx {
             graph: self,
@@ -294,7 +325,9 @@ impl Graph {
 
     fn check_new_name(&self, name: &str) -> Result<String> {
         if !is_valid_node_name(name) {
-            return Err(Error::invalid("Invalid node-name: '".to_string() + name + "'"));
+            return Err(Error::invalid(
+                "Invalid node-name: '".to_string() + name + "'",
+            ));
         }
         if self.nodes.contains_key(name) {
             return Err(Error::new(
@@ -317,10 +350,15 @@ impl Graph {
     /// implicit children only it used.
     pub async fn delete(&mut self, name: &str) -> Result<()> {
         let node = self.get(name).ok_or_else(|| {
-            Error::new(ErrorKind::NotFound, format!("Failed to find node with node-name='{name}'"))
+            Error::new(
+                ErrorKind::NotFound,
+                format!("Failed to find node with node-name='{name}'"),
+            )
         })?;
         if node.is_implicit() {
-            return Err(Error::invalid(format!("Node {name} is not owned by the monitor")));
+            return Err(Error::invalid(format!(
+                "Node {name} is not owned by the monitor"
+            )));
         }
         self.ensure_unused(&node)?;
         self.close_tree(node).await
@@ -381,9 +419,14 @@ impl Graph {
 
     fn top_node_name(&self) -> Option<String> {
         let is_child = |n: &NodeRef| {
-            self.nodes.values().any(|p| p.children().iter().any(|c| Arc::ptr_eq(&c.node, n)))
+            self.nodes
+                .values()
+                .any(|p| p.children().iter().any(|c| Arc::ptr_eq(&c.node, n)))
         };
-        self.nodes.values().find(|n| !is_child(n)).map(|n| n.name().to_string())
+        self.nodes
+            .values()
+            .find(|n| !is_child(n))
+            .map(|n| n.name().to_string())
     }
 }
 

@@ -16,9 +16,7 @@ pub mod perm;
 pub mod stats;
 
 pub use backend::BlockBackend;
-pub use driver::{
-    BlockDriver, BlockStatus, BoxFut, ImageInfo, Limits, WriteFlags, ZeroFlags,
-};
+pub use driver::{BlockDriver, BlockStatus, BoxFut, ImageInfo, Limits, WriteFlags, ZeroFlags};
 pub use error::{Error, ErrorKind, Result};
 pub use graph::{DriverFactory, Graph, OpenCtx};
 pub use node::{CommonOptions, DetectZeroes, Node, NodeRef};

@@ -21,7 +21,10 @@ impl MemDriver {
     /// A device of `size` bytes that reads as zeroes.
     pub fn new(size: u64) -> Self {
         let n = size.div_ceil(PAGE) as usize;
-        MemDriver { pages: Mutex::new(vec![None; n]), size }
+        MemDriver {
+            pages: Mutex::new(vec![None; n]),
+            size,
+        }
     }
 
     fn pages(&self) -> std::sync::MutexGuard<'_, Vec<Option<Box<[u8]>>>> {
@@ -33,7 +36,9 @@ impl MemDriver {
 
     fn check(&self, offset: u64, len: u64) -> Result<()> {
         if offset.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(Error::invalid(format!("request {offset}+{len} is beyond the end")));
+            return Err(Error::invalid(format!(
+                "request {offset}+{len} is beyond the end"
+            )));
         }
         Ok(())
     }
@@ -42,7 +47,9 @@ impl MemDriver {
         let pages = self.pages();
         for (i, byte) in out.iter_mut().enumerate() {
             let pos = offset + i as u64;
-            *byte = pages[(pos / PAGE) as usize].as_ref().map_or(0, |p| p[(pos % PAGE) as usize]);
+            *byte = pages[(pos / PAGE) as usize]
+                .as_ref()
+                .map_or(0, |p| p[(pos % PAGE) as usize]);
         }
     }
 
@@ -119,12 +126,19 @@ impl BlockDriver for MemDriver {
                 end += PAGE;
             }
             let n = end.min(offset + len) - offset;
-            Ok(if first { BlockStatus::data(n) } else { BlockStatus::hole(n) })
+            Ok(if first {
+                BlockStatus::data(n)
+            } else {
+                BlockStatus::hole(n)
+            })
         })
     }
 
     fn image_info(&self) -> ImageInfo {
-        ImageInfo { filename: "x-mem://".into(), ..ImageInfo::default() }
+        ImageInfo {
+            filename: "x-mem://".into(),
+            ..ImageInfo::default()
+        }
     }
 }
 
@@ -135,10 +149,18 @@ mod tests {
     #[tokio::test]
     async fn test_mem_write_then_read_returns_data_and_status() {
         let m = MemDriver::new(3 * PAGE);
-        m.write(PAGE + 10, IoBuf::from_slice(b"abc"), WriteFlags::default()).await.unwrap();
+        m.write(PAGE + 10, IoBuf::from_slice(b"abc"), WriteFlags::default())
+            .await
+            .unwrap();
         let got = m.read(PAGE + 9, IoBuf::new(5)).await.unwrap();
         assert_eq!(&got[..], b"\0abc\0");
-        assert_eq!(m.block_status(0, 3 * PAGE).await.unwrap(), BlockStatus::hole(PAGE));
-        assert_eq!(m.block_status(PAGE, 2 * PAGE).await.unwrap(), BlockStatus::data(PAGE));
+        assert_eq!(
+            m.block_status(0, 3 * PAGE).await.unwrap(),
+            BlockStatus::hole(PAGE)
+        );
+        assert_eq!(
+            m.block_status(PAGE, 2 * PAGE).await.unwrap(),
+            BlockStatus::data(PAGE)
+        );
     }
 }

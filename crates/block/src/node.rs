@@ -2,7 +2,7 @@
 //! (read-only, discard, detect-zeroes, cache), its users with their
 //! permissions, and the count of requests in flight (the drain point).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use qsd_rt::IoBuf;
@@ -96,6 +96,8 @@ pub struct Node {
     children: Vec<ChildLink>,
     users: Mutex<Users>,
     inflight: Inflight,
+    /// End of the highest write that reached this node (query-blockstats).
+    wr_highest: AtomicU64,
     /// Serialises read-modify-write cycles of unaligned writes.
     rmw: tokio::sync::Mutex<()>,
 }
@@ -128,6 +130,7 @@ impl Node {
             children,
             users: Mutex::new(Users::default()),
             inflight: Inflight::default(),
+            wr_highest: AtomicU64::new(0),
             rmw: tokio::sync::Mutex::new(()),
         })
     }
@@ -172,6 +175,15 @@ impl Node {
         self.len() == 0
     }
 
+    /// End offset of the highest successful write (qemu's `wr_highest_offset`).
+    pub fn wr_highest_offset(&self) -> u64 {
+        self.wr_highest.load(Ordering::Relaxed)
+    }
+
+    fn wrote(&self, offset: u64, len: u64) {
+        self.wr_highest.fetch_max(offset + len, Ordering::Relaxed);
+    }
+
     /// Requests currently in flight.
     pub fn in_flight(&self) -> usize {
         self.inflight.count.load(Ordering::Acquire)
@@ -188,12 +200,21 @@ impl Node {
 
     /// Descriptions of the current users ("export 'e0'" ...), for errors.
     pub fn user_names(&self) -> Vec<String> {
-        self.users().list.iter().map(|u| u.desc.who.clone()).collect()
+        self.users()
+            .list
+            .iter()
+            .map(|u| u.desc.who.clone())
+            .collect()
     }
 
     /// Users attached as backends (role "root"), not as parent nodes.
     pub fn root_user_names(&self) -> Vec<String> {
-        self.users().list.iter().filter(|u| u.desc.role == "root").map(|u| u.desc.who.clone()).collect()
+        self.users()
+            .list
+            .iter()
+            .filter(|u| u.desc.role == "root")
+            .map(|u| u.desc.who.clone())
+            .collect()
     }
 
     /// Register a user taking `perm` and sharing `shared`.
@@ -208,7 +229,12 @@ impl Node {
         check_conflict(&self.name, &desc, perm, shared, &users.list)?;
         let id = users.next_id;
         users.next_id += 1;
-        users.list.push(UserEntry { id, desc, perm, shared });
+        users.list.push(UserEntry {
+            id,
+            desc,
+            perm,
+            shared,
+        });
         if let Err(e) = self.apply_perms(&users) {
             users.list.retain(|u| u.id != id);
             return Err(e);
@@ -232,8 +258,7 @@ impl Node {
         let Some(pos) = users.list.iter().position(|u| u.id == id) else {
             return Ok(());
         };
-        let others: Vec<UserEntry> =
-            users.list.iter().filter(|u| u.id != id).cloned().collect();
+        let others: Vec<UserEntry> = users.list.iter().filter(|u| u.id != id).cloned().collect();
         check_conflict(&self.name, &users.list[pos].desc, perm, shared, &others)?;
         let old = (users.list[pos].perm, users.list[pos].shared);
         users.list[pos].perm = perm;
@@ -256,12 +281,21 @@ impl Node {
 
     /// The union of what users take and the intersection of what they share.
     fn cumulative(users: &Users) -> (Perm, Perm) {
-        users.list.iter().fold((Perm::NONE, Perm::ALL), |(p, s), u| (p | u.perm, s & u.shared))
+        users
+            .list
+            .iter()
+            .fold((Perm::NONE, Perm::ALL), |(p, s), u| {
+                (p | u.perm, s & u.shared)
+            })
     }
 
     fn apply_perms(&self, users: &Users) -> Result<()> {
         let (perm, shared) = Self::cumulative(users);
-        let shared = if self.opts.force_share { Perm::ALL } else { shared };
+        let shared = if self.opts.force_share {
+            Perm::ALL
+        } else {
+            shared
+        };
         self.driver.set_perm(perm, shared)
     }
 
@@ -322,9 +356,23 @@ impl Node {
     pub async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
         self.check_write_allowed()?;
         let _guard = self.inflight.enter();
+        let len = buf.len() as u64;
+        let r = self.write_inner(offset, buf, flags).await;
+        if r.is_ok() {
+            self.wrote(offset, len);
+        }
+        r
+    }
+
+    async fn write_inner(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
         if self.opts.detect_zeroes != DetectZeroes::Off && is_all_zero(&buf) {
-            let may_unmap = self.opts.detect_zeroes == DetectZeroes::Unmap && self.opts.discard_unmap;
-            let zflags = ZeroFlags { may_unmap, no_fallback: false, fua: flags.fua };
+            let may_unmap =
+                self.opts.detect_zeroes == DetectZeroes::Unmap && self.opts.discard_unmap;
+            let zflags = ZeroFlags {
+                may_unmap,
+                no_fallback: false,
+                fua: flags.fua,
+            };
             self.zeroes_inner(offset, buf.len() as u64, zflags).await?;
             return Ok(buf);
         }
@@ -356,7 +404,11 @@ impl Node {
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.check_write_allowed()?;
         let _guard = self.inflight.enter();
-        self.zeroes_inner(offset, len, flags).await
+        let r = self.zeroes_inner(offset, len, flags).await;
+        if r.is_ok() {
+            self.wrote(offset, len);
+        }
+        r
     }
 
     async fn zeroes_inner(&self, offset: u64, len: u64, mut flags: ZeroFlags) -> Result<()> {
@@ -370,7 +422,8 @@ impl Node {
         } else if flags.no_fallback {
             return Err(Error::unsupported("unaligned write-zeroes cannot be fast"));
         }
-        self.zeroes_by_writing(offset, len, WriteFlags { fua: flags.fua }).await
+        self.zeroes_by_writing(offset, len, WriteFlags { fua: flags.fua })
+            .await
     }
 
     /// The fallback for write-zeroes: write zero buffers, 1 MiB at a time.
@@ -446,11 +499,14 @@ impl Node {
 }
 
 fn is_aligned(offset: u64, len: u64, align: u64) -> bool {
-    align <= 1 || (offset % align == 0 && len % align == 0)
+    align <= 1 || (offset.is_multiple_of(align) && len.is_multiple_of(align))
 }
 
 fn widen(offset: u64, len: u64, align: u64) -> (u64, u64) {
-    (offset / align * align, (offset + len).next_multiple_of(align))
+    (
+        offset / align * align,
+        (offset + len).next_multiple_of(align),
+    )
 }
 
 /// True when every byte is zero (word at a time).
@@ -461,7 +517,9 @@ pub fn is_all_zero(buf: &[u8]) -> bool {
         (h, &rest[..n], &rest[n..])
     };
     head.iter().all(|&b| b == 0)
-        && words.chunks_exact(8).all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+        && words
+            .chunks_exact(8)
+            .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
         && tail.iter().all(|&b| b == 0)
 }
 

@@ -54,15 +54,21 @@ impl Perm {
 
     /// Each single permission in this set, in qemu's order.
     pub fn iter(self) -> impl Iterator<Item = Perm> {
-        Self::NAMES.into_iter().map(|(p, _)| p).filter(move |p| self.contains(*p))
+        Self::NAMES
+            .into_iter()
+            .map(|(p, _)| p)
+            .filter(move |p| self.contains(*p))
     }
 }
 
 impl fmt::Display for Perm {
     /// qemu's names, comma separated: "write, resize".
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<&str> =
-            Self::NAMES.iter().filter(|(p, _)| self.contains(*p)).map(|(_, n)| *n).collect();
+        let names: Vec<&str> = Self::NAMES
+            .iter()
+            .filter(|(p, _)| self.contains(*p))
+            .map(|(_, n)| *n)
+            .collect();
         f.write_str(&names.join(", "))
     }
 }
@@ -152,7 +158,10 @@ pub struct PermUser {
 
 impl PermUser {
     pub(crate) fn new(node: &Arc<Node>, id: u64) -> Self {
-        PermUser { node: Arc::downgrade(node), id }
+        PermUser {
+            node: Arc::downgrade(node),
+            id,
+        }
     }
 
     /// Change what this user takes and shares; refused on conflict, in which
@@ -180,7 +189,10 @@ mod tests {
     fn user(who: &str, perm: Perm, shared: Perm) -> UserEntry {
         UserEntry {
             id: 1,
-            desc: UserDesc { who: who.into(), role: "root".into() },
+            desc: UserDesc {
+                who: who.into(),
+                role: "root".into(),
+            },
             perm,
             shared,
         }
@@ -189,22 +201,37 @@ mod tests {
     #[test]
     fn test_perm_display_lists_qemu_names() {
         assert_eq!((Perm::WRITE | Perm::RESIZE).to_string(), "write, resize");
-        assert_eq!((!Perm::WRITE).to_string(), "consistent read, write unchanged, resize");
+        assert_eq!(
+            (!Perm::WRITE).to_string(),
+            "consistent read, write unchanged, resize"
+        );
     }
 
     #[test]
     fn test_check_conflict_writer_against_unsharing_reader_is_refused() {
-        let reader = user("export 'a'", Perm::CONSISTENT_READ, Perm::ALL & !Perm::WRITE);
-        let desc = UserDesc { who: "export 'b'".into(), role: "root".into() };
+        let reader = user(
+            "export 'a'",
+            Perm::CONSISTENT_READ,
+            Perm::ALL & !Perm::WRITE,
+        );
+        let desc = UserDesc {
+            who: "export 'b'".into(),
+            role: "root".into(),
+        };
         let err = check_conflict("n", &desc, Perm::WRITE, Perm::ALL, &[reader]).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::PermissionConflict);
-        assert!(err.message().contains("permissions 'write' are both required by export 'b'"));
+        assert!(err
+            .message()
+            .contains("permissions 'write' are both required by export 'b'"));
     }
 
     #[test]
     fn test_check_conflict_compatible_users_pass() {
         let a = user("a", Perm::CONSISTENT_READ | Perm::WRITE, Perm::ALL);
-        let desc = UserDesc { who: "b".into(), role: "root".into() };
+        let desc = UserDesc {
+            who: "b".into(),
+            role: "root".into(),
+        };
         check_conflict("n", &desc, Perm::WRITE, Perm::ALL, &[a]).unwrap();
     }
 }

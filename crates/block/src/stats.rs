@@ -73,7 +73,10 @@ impl Stats {
         } else {
             c.failed.fetch_add(1, Ordering::Relaxed);
         }
-        c.time_ns.fetch_add(now.duration_since(start).as_nanos() as u64, Ordering::Relaxed);
+        c.time_ns.fetch_add(
+            now.duration_since(start).as_nanos() as u64,
+            Ordering::Relaxed,
+        );
         let since = now.duration_since(self.created).as_nanos() as u64;
         self.last_done_ns.fetch_max(since, Ordering::Relaxed);
     }
@@ -90,13 +93,19 @@ impl Stats {
 
     /// The `stats` member of a `query-blockstats` entry.
     pub fn to_json(&self) -> Value {
+        self.to_json_with_highest(self.wr_highest_offset.load(Ordering::Relaxed))
+    }
+
+    /// Like [`Stats::to_json`], with `wr_highest_offset` given by the caller
+    /// (a node reports its own).
+    pub fn to_json_with_highest(&self, wr_highest_offset: u64) -> Value {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut v = json!({
             "unmap_operations": l(&self.unmap.ops),
             "unmap_merged": 0,
             "failed_zone_append_operations": 0,
             "flush_total_time_ns": l(&self.flush.time_ns),
-            "wr_highest_offset": l(&self.wr_highest_offset),
+            "wr_highest_offset": wr_highest_offset,
             "wr_total_time_ns": l(&self.wr.time_ns),
             "failed_wr_operations": l(&self.wr.failed),
             "failed_rd_operations": l(&self.rd.failed),

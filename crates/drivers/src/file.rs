@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use nix::fcntl::FallocateFlags;
 use nix::libc;
 use qsd_block::{
-    BlockDriver, BlockStatus, BoxFut, DriverFactory, Error, ErrorKind, ImageInfo, Limits,
-    OpenCtx, Perm, Result, WriteFlags, ZeroFlags,
+    BlockDriver, BlockStatus, BoxFut, DriverFactory, Error, ErrorKind, ImageInfo, Limits, OpenCtx,
+    Perm, Result, WriteFlags, ZeroFlags,
 };
 use qsd_rt::io::{self as rtio, Aio, SharedFd};
 use qsd_rt::IoBuf;
@@ -136,11 +136,9 @@ pub struct PosixFile {
 fn choose_aio(requested: Option<AioOpt>, direct: bool) -> Result<Aio> {
     let wanted = match requested {
         Some(AioOpt::Threads) => return Ok(Aio::Threads),
-        Some(AioOpt::Native) if !direct => {
-            return Err(Error::invalid(
-                "aio=native was specified, but it requires cache.direct=on, which was not specified.",
-            ))
-        }
+        Some(AioOpt::Native) if !direct => return Err(Error::invalid(
+            "aio=native was specified, but it requires cache.direct=on, which was not specified.",
+        )),
         Some(AioOpt::Native) => {
             tracing::debug!("aio=native (linux-aio) is served by io_uring");
             Aio::IoUring
@@ -168,17 +166,24 @@ impl PosixFile {
         let aio = choose_aio(opts.aio, p.direct)?;
         let path = opts.filename.as_str();
         let (file, fell_back) = open_with_fallback(path, p)?;
-        let (kind, rdev) = posix::file_kind(&file).map_err(|e| os_error("Could not stat file", e))?;
+        let (kind, rdev) =
+            posix::file_kind(&file).map_err(|e| os_error("Could not stat file", e))?;
         check_kind(p, path, kind)?;
         let len = posix::file_len(&file, kind)
             .map_err(|e| os_error(format!("Could not get the size of '{path}'"), e))?;
-        let align = if p.direct { posix::probe_alignment(&file, kind, rdev) } else { 1 };
+        let align = if p.direct {
+            posix::probe_alignment(&file, kind, rdev)
+        } else {
+            1
+        };
         let use_lock = match opts.locking.unwrap_or(Locking::Auto) {
             Locking::Off => false,
             Locking::On => true,
             Locking::Auto => ofd_supported(&file),
         };
-        let io_file = file.try_clone().map_err(|e| open_error(path, errno_of(&e)))?;
+        let io_file = file
+            .try_clone()
+            .map_err(|e| open_error(path, errno_of(&e)))?;
         let regular = kind == FileKind::Regular;
         // Without O_DIRECT, device zeroing and discard may leave stale page
         // cache behind (qemu's rule), so only trust them with cache.direct.
@@ -273,7 +278,9 @@ impl PosixFile {
 
     async fn zeroes_inner(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         if !self.has_write_zeroes {
-            return Err(Error::unsupported("write-zeroes needs cache.direct=on on devices"));
+            return Err(Error::unsupported(
+                "write-zeroes needs cache.direct=on on devices",
+            ));
         }
         let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
         if flags.may_unmap && self.discard_zeroes {
@@ -285,9 +292,14 @@ impl PosixFile {
         }
         if flags.no_fallback && self.kind != FileKind::Regular {
             // The kernel may write zero pages on devices: not "fast".
-            return Err(Error::unsupported("write-zeroes without fallback is not fast here"));
+            return Err(Error::unsupported(
+                "write-zeroes without fallback is not fast here",
+            ));
         }
-        match self.fallocate(FallocateFlags::FALLOC_FL_ZERO_RANGE, offset, len).await {
+        match self
+            .fallocate(FallocateFlags::FALLOC_FL_ZERO_RANGE, offset, len)
+            .await
+        {
             Ok(()) => Ok(()),
             Err(e) if is_unsupported(&e) => {
                 Err(Error::unsupported("fallocate cannot zero this range"))
@@ -347,9 +359,15 @@ fn check_kind(p: &OpenParams, path: &str, kind: FileKind) -> Result<()> {
         return Ok(());
     }
     Err(Error::invalid(if p.device {
-        format!("'{}' driver requires '{path}' to be either a character or block device", p.driver)
+        format!(
+            "'{}' driver requires '{path}' to be either a character or block device",
+            p.driver
+        )
     } else {
-        format!("'{}' driver requires '{path}' to be a regular file", p.driver)
+        format!(
+            "'{}' driver requires '{path}' to be a regular file",
+            p.driver
+        )
     }))
 }
 
@@ -379,11 +397,16 @@ impl BlockDriver for PosixFile {
     }
 
     fn len(&self) -> u64 {
-        self.len.load(Ordering::Acquire)
+        // qemu counts lengths in 512-byte sectors; reads of the partial
+        // sector past EOF return zeroes.
+        self.len.load(Ordering::Acquire).next_multiple_of(512)
     }
 
     fn limits(&self) -> Limits {
-        Limits { request_alignment: self.align, ..Limits::default() }
+        Limits {
+            request_alignment: self.align,
+            ..Limits::default()
+        }
     }
 
     fn read(&self, offset: u64, buf: IoBuf) -> BoxFut<'_, IoBuf> {
@@ -437,11 +460,19 @@ impl BlockDriver for PosixFile {
         if self.fell_back_read_only && (perm.contains(Perm::WRITE) || perm.contains(Perm::RESIZE)) {
             return Err(Error::new(
                 ErrorKind::ReadOnly,
-                format!("Could not open '{}' for writing: Permission denied", self.filename),
+                format!(
+                    "Could not open '{}' for writing: Permission denied",
+                    self.filename
+                ),
             )
             .with_errno(libc::EACCES));
         }
         self.lock.set_perm(&self.file, perm, shared)
+    }
+
+    fn close(&self) -> BoxFut<'_, ()> {
+        // Let other processes in now, even if a handle on the node lingers.
+        Box::pin(async move { self.lock.set_perm(&self.file, Perm::NONE, Perm::ALL) })
     }
 
     fn image_info(&self) -> ImageInfo {

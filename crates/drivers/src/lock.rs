@@ -39,7 +39,7 @@ fn set_lock(file: &File, offset: i64, lock: bool) -> nix::Result<()> {
 }
 
 /// True when another open file description holds a lock on the byte.
-fn lock_held_elsewhere(file: &File, offset: i64) -> nix::Result<bool> {
+pub(crate) fn lock_held_elsewhere(file: &File, offset: i64) -> nix::Result<bool> {
     let mut fl = flock(libc::F_WRLCK, offset);
     fcntl(file, FcntlArg::F_OFD_GETLK(&mut fl))?;
     Ok(i32::from(fl.l_type) != libc::F_UNLCK)
@@ -57,7 +57,10 @@ fn bits(p: Perm) -> impl Iterator<Item = u8> {
 
 /// The permission of bit `i`.
 fn single(i: u8) -> Perm {
-    Perm::ALL.iter().find(|p| p.bits() == 1 << i).unwrap_or(Perm::NONE)
+    Perm::ALL
+        .iter()
+        .find(|p| p.bits() == 1 << i)
+        .unwrap_or(Perm::NONE)
 }
 
 /// The locks a node holds on its image file.
@@ -112,7 +115,7 @@ impl ImageLock {
             let (want, unshared) = (st.perm | perm, !st.shared | !shared);
             let prepared = apply(&mut st, file, want, unshared, false)
                 .and_then(|()| check(file, perm, shared))
-                .map_err(|e| self.hinted(e));
+                .inspect_err(|_| self.log_hint());
             if let Err(e) = prepared {
                 let (p, s) = (st.perm, st.shared);
                 if let Err(undo) = apply(&mut st, file, p, !s, true) {
@@ -130,9 +133,10 @@ impl ImageLock {
         Ok(())
     }
 
-    fn hinted(&self, e: Error) -> Error {
+    /// qemu's hint after a lock conflict. `qsd_block::Error` has no hint
+    /// field, so it goes to the log rather than into the message.
+    fn log_hint(&self) {
         tracing::info!("Is another process using the image [{}]?", self.filename);
-        e
     }
 }
 

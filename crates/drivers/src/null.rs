@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use qsd_block::{
-    BlockDriver, BlockStatus, BoxFut, DriverFactory, Error, ImageInfo, OpenCtx, Result,
-    WriteFlags, ZeroFlags,
+    BlockDriver, BlockStatus, BoxFut, DriverFactory, Error, ImageInfo, OpenCtx, Result, WriteFlags,
+    ZeroFlags,
 };
 use qsd_rt::IoBuf;
 use serde::Deserialize;
@@ -165,7 +165,13 @@ impl BlockDriver for NullDriver {
                 BlockStatus::hole(len)
             } else {
                 // Neither data nor zero: qemu reports it unallocated.
-                BlockStatus { len, data: false, zero: false, allocated: false, depth: 0 }
+                BlockStatus {
+                    len,
+                    data: false,
+                    zero: false,
+                    allocated: false,
+                    depth: 0,
+                }
             })
         })
     }

@@ -69,13 +69,17 @@ pub(crate) fn file_kind(file: &File) -> Result<(FileKind, u64), i32> {
 pub(crate) fn file_len(file: &File, kind: FileKind) -> Result<u64, i32> {
     match kind {
         FileKind::Regular => file.metadata().map(|m| m.len()).map_err(|e| errno_of(&e)),
-        _ => lseek(file, 0, Whence::SeekEnd).map(|n| n.max(0) as u64).map_err(|e| e as i32),
+        _ => lseek(file, 0, Whence::SeekEnd)
+            .map(|n| n.max(0) as u64)
+            .map_err(|e| e as i32),
     }
 }
 
 /// Bytes the image takes on the host (st_blocks * 512).
 pub(crate) fn allocated_size(file: &File) -> Option<u64> {
-    file.metadata().ok().map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+    file.metadata()
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
 }
 
 /// The logical block size of a block device, from sysfs.
@@ -86,7 +90,10 @@ fn logical_block_size(rdev: u64) -> Option<u32> {
         minor(rdev)
     );
     let text = std::fs::read_to_string(path).ok()?;
-    text.trim().parse::<u32>().ok().filter(|n| n.is_power_of_two())
+    text.trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|n| n.is_power_of_two())
 }
 
 /// True when a read of `len` bytes at 0 is accepted (only EINVAL means
@@ -134,7 +141,10 @@ fn seek(file: &File, start: u64, whence: Whence) -> Result<u64, Errno> {
     let pos = i64::try_from(start).map_err(|_| Errno::EINVAL)?;
     let got = lseek(file, pos, whence)?;
     // The kernel never moves backwards; if it does, trust nothing.
-    u64::try_from(got).ok().filter(|&g| g >= start).ok_or(Errno::EIO)
+    u64::try_from(got)
+        .ok()
+        .filter(|&g| g >= start)
+        .ok_or(Errno::EIO)
 }
 
 /// qemu's find_allocation: SEEK_DATA first, then SEEK_HOLE.

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use nix::libc;
 use qsd_block::perm::UserDesc;
 use qsd_block::{
-    BlockDriver, BlockStatus, BoxFut, DriverFactory, Error, ImageInfo, Limits, NodeRef,
-    OpenCtx, Perm, PermUser, Result, WriteFlags, ZeroFlags,
+    BlockDriver, BlockStatus, BoxFut, DriverFactory, Error, ImageInfo, Limits, NodeRef, OpenCtx,
+    Perm, PermUser, Result, WriteFlags, ZeroFlags,
 };
 use qsd_rt::IoBuf;
 use serde::Deserialize;
@@ -40,7 +40,7 @@ impl DriverFactory for RawFactory {
         Box::pin(async move {
             let child = ctx.required_child(&mut opts, "file").await?;
             let opts: RawOpts = ctx.parse(opts)?;
-            Ok(Box::new(RawDriver::new(child, &opts)?) as Box<dyn BlockDriver>)
+            Ok(Box::new(RawDriver::new(child, &opts, ctx.node_name())?) as Box<dyn BlockDriver>)
         })
     }
 }
@@ -57,7 +57,7 @@ pub struct RawDriver {
 }
 
 impl RawDriver {
-    fn new(child: NodeRef, opts: &RawOpts) -> Result<Self> {
+    fn new(child: NodeRef, opts: &RawOpts, node_name: &str) -> Result<Self> {
         let real = child.len();
         let offset = opts.offset.unwrap_or(0);
         if offset > real {
@@ -79,8 +79,13 @@ impl RawDriver {
         }
         let size = opts.size.unwrap_or(real - offset);
         // Until a parent takes something, raw takes nothing on its child.
-        let desc = UserDesc { who: "a raw block node".into(), role: "file".into() };
-        let user = child.add_user(desc, Perm::NONE, Perm::ALL)?;
+        let desc = UserDesc {
+            who: format!("node '{node_name}'"),
+            role: "file".into(),
+        };
+        // Like qemu's format nodes over their data child, raw never lets
+        // others resize the file under it.
+        let user = child.add_user(desc, Perm::NONE, Perm::ALL & !Perm::RESIZE)?;
         Ok(RawDriver {
             child,
             user,
@@ -129,7 +134,10 @@ impl BlockDriver for RawDriver {
     fn limits(&self) -> Limits {
         // The child pads its own requests; only transfer sizes carry over.
         let child = self.child.driver().limits();
-        Limits { request_alignment: 1, ..child }
+        Limits {
+            request_alignment: 1,
+            ..child
+        }
     }
 
     fn read(&self, offset: u64, buf: IoBuf) -> BoxFut<'_, IoBuf> {
@@ -187,9 +195,9 @@ impl BlockDriver for RawDriver {
     }
 
     fn set_perm(&self, perm: Perm, shared: Perm) -> Result<()> {
-        // A window can never be resized, but raw still passes the
-        // permissions through like qemu (it refuses resizes itself).
-        self.user.update(perm, shared)
+        // Permissions pass through, but resizing the file is never shared
+        // (qemu's default for a data child); a window refuses resizes itself.
+        self.user.update(perm, shared & !Perm::RESIZE)
     }
 
     fn image_info(&self) -> ImageInfo {
@@ -199,7 +207,11 @@ impl BlockDriver for RawDriver {
         } else {
             child.filename.clone()
         };
-        ImageInfo { filename, actual_size: child.actual_size, ..ImageInfo::default() }
+        ImageInfo {
+            filename,
+            actual_size: child.actual_size,
+            ..ImageInfo::default()
+        }
     }
 }
 

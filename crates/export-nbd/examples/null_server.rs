@@ -1,6 +1,6 @@
 //! Serve a null device of 1 GiB as export "disk" on a UNIX socket, for
 //! measuring the server's own cost (e.g. with fio's nbd engine):
-//! `cargo run --release -p qsd-export-nbd --example null_server -- /tmp/s.sock`
+//! `cargo run --release -p qsd-export-nbd --example null_server -- nbd.sock`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use qsd_block::{

@@ -116,12 +116,13 @@ where
             res = wait_command(&mut conn.in_flight) => conn.finish_command(res).await?,
             n = reader.read(&mut buf), if can_read => {
                 let n = n?;
-                if n == 0 {
+                let items = if n == 0 {
                     eof = true;
-                    conn.pending.extend(streamer.finish());
+                    streamer.finish()
                 } else {
-                    conn.pending.extend(streamer.feed(buf.get(..n).unwrap_or_default()));
-                }
+                    streamer.feed(buf.get(..n).unwrap_or_default())
+                };
+                conn.accept(items).await?;
             }
         }
     }
@@ -129,6 +130,11 @@ where
     // replies now. Failing to shut down ours is of no consequence.
     let _ = conn.writer.shutdown().await;
     Ok(())
+}
+
+/// qemu's test: `exec-oob` present and `execute` absent.
+fn is_oob(item: &Result<Value, ParseError>) -> bool {
+    matches!(item, Ok(Value::Object(m)) if m.contains_key("exec-oob") && !m.contains_key("execute"))
 }
 
 async fn next_event(
@@ -155,6 +161,41 @@ impl<S: AsyncWrite> Conn<WriteHalf<S>> {
         self.writer.write_all(text.as_bytes()).await?;
         self.writer.flush().await?;
         Ok(())
+    }
+
+    /// Queue new inputs. Out-of-band requests that will be refused are
+    /// answered at once, ahead of a running command, as qemu does; those
+    /// that may run out of band are queued in order like the rest.
+    async fn accept(&mut self, items: Vec<Result<Value, ParseError>>) -> Result<(), Error> {
+        for item in items {
+            if !self.session.oob_enabled() || !is_oob(&item) || self.oob_runnable(&item) {
+                self.pending.push_back(item);
+                continue;
+            }
+            let dispatcher = Arc::clone(&self.dispatcher);
+            match self
+                .session
+                .handle(item, |name| dispatcher.command_info(name))
+            {
+                Action::Reply(reply) => self.send(&reply).await?,
+                // Not reached: oob_runnable() said no.
+                Action::Dispatch(req) => {
+                    tracing::warn!(command = %req.command, "dropped OOB request")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether an `exec-oob` item names a command allowed to run out of band.
+    fn oob_runnable(&self, item: &Result<Value, ParseError>) -> bool {
+        let name = item
+            .as_ref()
+            .ok()
+            .and_then(|v| v.get("exec-oob"))
+            .and_then(Value::as_str);
+        name.and_then(|n| self.dispatcher.command_info(n))
+            .is_some_and(|info| info.allow_oob)
     }
 
     /// Handle queued inputs until one needs a command to run.

@@ -297,3 +297,20 @@ async fn test_serve_stream_lagging_client_is_disconnected() {
     );
     f.release.notify_one();
 }
+
+#[tokio::test]
+async fn test_serve_stream_refused_oob_answers_ahead_of_running_command() {
+    let mut f = start(false);
+    f.client.line().await;
+    f.client.negotiate().await;
+    f.client.send(r#"{"execute": "wait", "id": 1}"#).await;
+    f.client.send(r#"{"exec-oob": "fail", "id": 2}"#).await;
+    let reply = f.client.json().await;
+    assert_eq!(reply["id"], 2);
+    assert_eq!(
+        reply["error"]["desc"],
+        "The command fail does not support OOB"
+    );
+    f.release.notify_one();
+    assert_eq!(f.client.line().await, r#"{"return": {}, "id": 1}"#);
+}

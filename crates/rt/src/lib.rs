@@ -13,9 +13,9 @@
 
 pub mod buf;
 pub mod io;
-pub mod process;
 mod op;
 mod probe;
+pub mod process;
 mod ring;
 mod thread;
 

@@ -36,7 +36,10 @@ pub fn is_single_threaded() -> bool {
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("Threads:").map(|n| n.trim().parse::<u32>().ok()))
+                .find_map(|l| {
+                    l.strip_prefix("Threads:")
+                        .map(|n| n.trim().parse::<u32>().ok())
+                })
                 .flatten()
         })
         == Some(1)
@@ -48,11 +51,15 @@ pub fn is_single_threaded() -> bool {
 pub fn take_inherited_fd(fd: i32) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     if fd < 3 {
-        return Err(io::Error::other(format!("file descriptor {fd} is a standard stream")));
+        return Err(io::Error::other(format!(
+            "file descriptor {fd} is a standard stream"
+        )));
     }
     // SAFETY: F_GETFD only inspects the descriptor table.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(io::Error::other(format!("file descriptor {fd} is not open")));
+        return Err(io::Error::other(format!(
+            "file descriptor {fd} is not open"
+        )));
     }
     // SAFETY: the descriptor is open (checked above) and was handed to this
     // process by its parent for this purpose; nothing else in qsd owns it.
