@@ -238,7 +238,7 @@ async fn sparse_read(ctx: &Ctx, req: &Request) {
             data.push(None);
             continue;
         }
-        match ctx.backend.read(off, IoBuf::new(len as usize)).await {
+        match ctx.backend.read(off, ctx.pool.get(len as usize)).await {
             Ok(buf) => data.push(Some(buf)),
             Err(e) => return ctx.reply_err(c, &Failure::block("reading from file failed", &e)),
         }

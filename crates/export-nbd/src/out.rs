@@ -49,6 +49,8 @@ struct State {
 #[derive(Default)]
 pub(crate) struct OutQueue {
     state: Mutex<State>,
+    /// Where written data buffers go back to, for the next request.
+    pool: BufPool,
     /// Wakes the writer.
     wake: Notify,
     /// Wakes a reader waiting for the queue to drain.
@@ -168,14 +170,25 @@ impl OutQueue {
         Some(std::mem::take(&mut st.segs))
     }
 
+    /// A queue whose written data buffers return to `pool`.
+    pub(crate) fn with_pool(pool: BufPool) -> Self {
+        OutQueue {
+            pool,
+            ..OutQueue::default()
+        }
+    }
+
     fn recycle(&self, batch: Vec<Seg>) {
         let mut st = self.lock();
         for seg in batch {
-            if let Seg::Bytes(mut v) = seg {
-                if st.spare.len() < 4 && v.capacity() <= 4 * SEG_MAX {
-                    v.clear();
-                    st.spare.push(v);
+            match seg {
+                Seg::Bytes(mut v) => {
+                    if st.spare.len() < 4 && v.capacity() <= 4 * SEG_MAX {
+                        v.clear();
+                        st.spare.push(v);
+                    }
                 }
+                Seg::Buf(b) => self.pool.put(b),
             }
         }
     }
@@ -234,15 +247,27 @@ async fn write_all_segs<W: AsyncWrite + Unpin>(w: &mut W, segs: &[Seg]) -> std::
     Ok(())
 }
 
-/// Size classes the pool keeps: 4 KiB to 128 KiB.
+/// Size classes the pool keeps: 4 KiB to 4 MiB. Fresh large buffers are
+/// expensive (the allocator maps and zeroes them), so sequential 1 MiB I/O
+/// depends on reuse as much as small random I/O does.
 const POOL_MIN_SHIFT: u32 = 12;
-const POOL_MAX_SHIFT: u32 = 17;
+const POOL_MAX_SHIFT: u32 = 22;
+/// Bytes kept per size class: up to 64 buffers, at most 8 MiB.
+const POOL_BYTES_PER_CLASS: usize = 8 << 20;
 const POOL_PER_CLASS: usize = 64;
 
-/// Recycles aligned buffers of the common request sizes.
-#[derive(Debug, Default)]
+fn class_limit(c: usize) -> usize {
+    let size = 1usize << (c as u32 + POOL_MIN_SHIFT);
+    (POOL_BYTES_PER_CLASS / size).clamp(2, POOL_PER_CLASS)
+}
+
+type PoolClasses = [Vec<IoBuf>; (POOL_MAX_SHIFT - POOL_MIN_SHIFT + 1) as usize];
+
+/// Recycles aligned buffers of the common request sizes. Clones share the
+/// same buffers (the request tasks and the writer of one connection).
+#[derive(Debug, Default, Clone)]
 pub(crate) struct BufPool {
-    classes: Mutex<[Vec<IoBuf>; (POOL_MAX_SHIFT - POOL_MIN_SHIFT + 1) as usize]>,
+    classes: std::sync::Arc<Mutex<PoolClasses>>,
 }
 
 fn class_of(cap: usize) -> Option<usize> {
@@ -278,7 +303,7 @@ impl BufPool {
         }
         if let Some(c) = class_of(cap) {
             if let Ok(mut g) = self.classes.lock() {
-                if g[c].len() < POOL_PER_CLASS {
+                if g[c].len() < class_limit(c) {
                     g[c].push(buf);
                 }
             }

@@ -84,13 +84,14 @@ where
             peer,
         } = self;
         let meta = negotiated.meta.contexts(&[]);
+        let pool = BufPool::default();
         let ctx = Arc::new(Ctx {
             backend: export.backend().clone(),
             export,
             structured: negotiated.structured,
             meta,
-            out: OutQueue::default(),
-            pool: BufPool::default(),
+            out: OutQueue::with_pool(pool.clone()),
+            pool,
         });
         let wctx = Arc::clone(&ctx);
         let mut writer = tokio::spawn(async move { wctx.out.run_writer(&mut wr).await });
