@@ -47,6 +47,14 @@ iotests() {
     QSD_BINARY="$PWD/target/release/qsd" "$PYTHON" -m pytest -v iotests
 }
 
+licences() {
+    if ! cargo deny --version >/dev/null 2>&1; then
+        echo "installing cargo-deny (about 3 minutes)..."
+        cargo install cargo-deny --locked
+    fi
+    cargo deny check licenses bans sources
+}
+
 fuzz_smoke() {
     if [[ -x scripts/fuzz-smoke.sh ]]; then
         scripts/fuzz-smoke.sh
@@ -57,6 +65,7 @@ fuzz_smoke() {
 
 step "test dependencies" scripts/setup-test-deps.sh
 step "cargo fmt" cargo fmt --all -- --check
+step "cargo deny (licences, sources)" licences
 step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
 step "cargo build --release -p qsd" cargo build --release -p qsd
 step "unit tests" unit_tests
