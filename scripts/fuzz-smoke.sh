@@ -95,11 +95,18 @@ summary() {
             "$t" "$runs" "$secs" "$corpus"
         return 0
     fi
-    printf 'fuzz-smoke: %-16s FAILED (exit %s); log follows\n' "$t" "$rc"
-    grep -vE '^#[0-9]+' "$log" | tail -n 40 | sed 's/^/    /'
-    local artifacts
-    artifacts=$(grep -oE "Test unit written to [^ ]+" "$log" | sed 's/Test unit written to //' || true)
-    [ -n "$artifacts" ] && echo "    crash input: $artifacts"
+    printf 'fuzz-smoke: %-16s FAILED (exit %s)\n' "$t" "$rc"
+    local why
+    why=$(grep -m1 -A4 -E 'panicked at|ERROR: (libFuzzer|AddressSanitizer|LeakSanitizer)' "$log" || true)
+    [ -n "$why" ] || why=$(grep -vE '^#[0-9]+' "$log" | tail -n 20)
+    sed 's/^/    /' <<<"$why"
+    local artifact
+    artifact=$(grep -oE 'Test unit written to [^ ]+' "$log" | tail -n1 | sed 's/Test unit written to //' || true)
+    if [ -n "$artifact" ]; then
+        echo "    crash input: $artifact"
+        echo "    reproduce:   RUSTC_BOOTSTRAP=1 cargo fuzz run -s $sanitizer $t $artifact"
+    fi
+    echo "    full log:    $work/$t.log"
     return 1
 }
 
@@ -123,6 +130,7 @@ for t in "${targets[@]}"; do
     summary "$t" || failed=1
 done
 if [ "$failed" != 0 ]; then
+    trap - EXIT # keep the logs and corpora for a look
     echo "fuzz-smoke: FAILED; crash inputs are in fuzz/artifacts/<target>/" >&2
     exit 1
 fi

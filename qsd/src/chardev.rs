@@ -16,14 +16,18 @@ pub enum Chardev {
     Stream(OwnedFd),
 }
 
-/// Create a chardev from `--chardev` text (qemu's QemuOpts syntax, where
-/// `server` and `nowait` may stand alone); returns its id.
-pub fn create(arg: &str) -> Result<(String, Chardev)> {
+/// Parse `--chardev` text (qemu's QemuOpts syntax, where `server` and
+/// `nowait` may stand alone).
+pub fn parse(arg: &str) -> Result<ChardevSocketOptions> {
     let parsed = qsd_qapi::keyval::parse_qemu_opts(arg, Some("backend"))?;
     for w in &parsed.warnings {
         tracing::warn!("--chardev {arg}: {w}");
     }
-    let o = ChardevSocketOptions::from_opts(&parsed.value)?;
+    Ok(ChardevSocketOptions::from_opts(&parsed.value)?)
+}
+
+/// Create the socket a parsed chardev describes; returns its id.
+pub fn bind(o: ChardevSocketOptions) -> Result<(String, Chardev)> {
     if o.backend != "socket" {
         bail!(
             "chardev backend '{}' is not supported by qsd (use 'socket')",

@@ -276,7 +276,7 @@ async fn remove(d: &Arc<Daemon>, id: &str, mode: RemoveMode) -> Result<()> {
         .remove_export(e.nbd.name(), mode)
         .map_err(|err| match err {
             qsd_export_nbd::Error::ExportInUse(_) => {
-                anyhow!("export '{id}' still in use (use mode='hard' to force client disconnect)")
+                anyhow!("export '{id}' still in use")
             }
             other => anyhow!(other),
         })?;

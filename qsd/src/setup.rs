@@ -93,10 +93,15 @@ async fn setup_item(d: &Arc<Daemon>, item: &Item) -> Result<()> {
             objects::add(&mut d.iothreads(), opts, mode)?;
         }
         Item::Chardev(a) => {
-            let (id, dev) = chardev::create(a)?;
-            if d.chardevs().insert(id.clone(), dev).is_some() {
-                bail!("attempt to add duplicate property '{id}' to object (type 'container')");
+            let opts = chardev::parse(a)?;
+            if d.chardevs().contains_key(&opts.id) {
+                bail!(
+                    "attempt to add duplicate property '{}' to object (type 'container')",
+                    opts.id
+                );
             }
+            let (id, dev) = chardev::bind(opts)?;
+            d.chardevs().insert(id, dev);
         }
         Item::Monitor(a) => {
             let (opts, mode) = parse(a, Some("chardev"))?;

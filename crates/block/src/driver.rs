@@ -154,7 +154,11 @@ pub trait BlockDriver: Send + Sync + 'static {
 
     /// Change the size.
     fn truncate(&self, _size: u64) -> BoxFut<'_, ()> {
-        Box::pin(async { Err(crate::Error::unsupported("this driver cannot be resized")) })
+        Box::pin(async {
+            Err(crate::Error::unsupported(
+                "Image format driver does not support resize",
+            ))
+        })
     }
 
     /// The cumulative permissions of the node's users changed: take locks,

@@ -129,8 +129,10 @@ impl BlockDriver for NullDriver {
     fn read(&self, _offset: u64, mut buf: IoBuf) -> BoxFut<'_, IoBuf> {
         Box::pin(async move {
             self.delay().await;
-            // Without read-zeroes qemu leaves the buffer alone; ours are
-            // always initialised, so that exposes nothing.
+            // Without read-zeroes qemu leaves the buffer alone, and so do we.
+            // Our buffers are always initialised memory, but a pooled one may
+            // hold data from an earlier request of the same connection; use
+            // read-zeroes=on when reads must be zeroes.
             if self.read_zeroes {
                 buf.zero();
             }
