@@ -3,6 +3,9 @@
 use std::sync::Arc;
 
 use qsd_block::{BlockBackend, Perm};
+use qsd_qapi::options::{
+    BlockResizeArgs, BlockdevDelArgs, QueryBlockstatsArgs, QueryNamedBlockNodesArgs,
+};
 use qsd_qapi::InputMode;
 use qsd_qmp::{BoxFuture, Dispatcher, ErrorClass, QmpError};
 use serde::de::DeserializeOwned;
@@ -59,11 +62,9 @@ impl Dispatcher for Commands {
 
 type CmdResult = Result<Value, QmpError>;
 
-fn generic(e: impl std::fmt::Display) -> QmpError {
-    QmpError {
-        class: ErrorClass::GenericError,
-        desc: e.to_string(),
-    }
+/// A `GenericError` carrying the whole message (anyhow's context chain included).
+pub fn generic(e: impl std::fmt::Display) -> QmpError {
+    QmpError::generic(format!("{e:#}"))
 }
 
 fn parse<T: DeserializeOwned>(args: Map<String, Value>) -> Result<T, QmpError> {
@@ -132,14 +133,8 @@ async fn blockdev_add(d: &Daemon, args: Map<String, Value>) -> CmdResult {
     Ok(json!({}))
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-struct NodeNameArg {
-    node_name: String,
-}
-
 async fn blockdev_del(d: &Daemon, args: Map<String, Value>) -> CmdResult {
-    let a: NodeNameArg = parse(args)?;
+    let a: BlockdevDelArgs = parse(args)?;
     d.graph
         .lock()
         .await
@@ -149,29 +144,14 @@ async fn blockdev_del(d: &Daemon, args: Map<String, Value>) -> CmdResult {
     Ok(json!({}))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FlatArg {
-    #[serde(default)]
-    #[allow(dead_code)]
-    flat: Option<bool>,
-}
-
 async fn query_named_block_nodes(d: &Daemon, args: Map<String, Value>) -> CmdResult {
     // `flat` only matters for backing chains (qcow2), which come with issue #3.
-    let _a: FlatArg = parse(args)?;
+    let _a: QueryNamedBlockNodesArgs = parse(args)?;
     Ok(query::named_block_nodes(&*d.graph.lock().await))
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-struct BlockstatsArgs {
-    #[serde(default)]
-    query_nodes: Option<bool>,
-}
-
 async fn query_blockstats(d: &Daemon, args: Map<String, Value>) -> CmdResult {
-    let a: BlockstatsArgs = parse(args)?;
+    let a: QueryBlockstatsArgs = parse(args)?;
     let exports = d.exports.lock().await;
     if a.query_nodes == Some(true) {
         let graph = d.graph.lock().await;
@@ -184,16 +164,8 @@ async fn query_blockstats(d: &Daemon, args: Map<String, Value>) -> CmdResult {
     Ok(exports.backend_stats())
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-struct ResizeArgs {
-    device: Option<String>,
-    node_name: Option<String>,
-    size: i64,
-}
-
 async fn block_resize(d: &Daemon, args: Map<String, Value>) -> CmdResult {
-    let a: ResizeArgs = parse(args)?;
+    let a: BlockResizeArgs = parse(args)?;
     let name = match (a.device, a.node_name) {
         (_, Some(n)) => n,
         (Some(dev), None) => dev,

@@ -12,9 +12,10 @@ use qsd_qapi::options::{
     NbdServerAddArgs, NbdServerOptions, NbdServerRemoveArgs, NbdServerStartArgs, SocketAddress,
 };
 use qsd_qapi::{InputMode, Raw};
-use qsd_qmp::{ErrorClass, QmpError};
+use qsd_qmp::QmpError;
 use serde_json::{json, Map, Value};
 
+use crate::commands::generic;
 use crate::daemon::Daemon;
 
 /// One export in the table.
@@ -84,13 +85,6 @@ impl Exports {
             .as_ref()
             .filter(|s| s.is_running())
             .ok_or_else(|| anyhow!("NBD server not running"))
-    }
-}
-
-fn generic(e: impl std::fmt::Display) -> QmpError {
-    QmpError {
-        class: ErrorClass::GenericError,
-        desc: format!("{e:#}"),
     }
 }
 
@@ -176,9 +170,14 @@ fn watch_gone(d: &Arc<Daemon>, id: String, gone: qsd_export_nbd::ExportGone) {
     let d = d.clone();
     tokio::spawn(async move {
         gone.wait().await;
-        d.exports.lock().await.list.retain(|e| e.id != id);
-        d.events.emit("BLOCK_EXPORT_DELETED", json!({ "id": id }));
+        forget(&d, &id).await;
     });
+}
+
+/// Drop a gone export from the table and announce it.
+async fn forget(d: &Daemon, id: &str) {
+    d.exports.lock().await.list.retain(|e| e.id != id);
+    d.events.emit("BLOCK_EXPORT_DELETED", json!({ "id": id }));
 }
 
 /// `--export` and `block-export-add`.
@@ -368,7 +367,6 @@ pub async fn shutdown(d: &Arc<Daemon>) {
         {
             tracing::warn!(export = %id, "clients did not disconnect within 10 s");
         }
-        d.exports.lock().await.list.retain(|e| e.id != id);
-        d.events.emit("BLOCK_EXPORT_DELETED", json!({ "id": id }));
+        forget(d, &id).await;
     }
 }

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use anyhow::{anyhow, bail, Result};
-use qsd_qapi::options::IothreadProps;
-use qsd_qapi::InputMode;
+use qsd_qapi::options::{IothreadProps, ObjectAddArgs};
+use qsd_qapi::{InputMode, Raw};
 use qsd_rt::IoThread;
 use serde_json::{json, Map, Value};
 
@@ -70,13 +70,12 @@ const QEMU_OBJECT_TYPES: &[&str] = &[
 ];
 
 /// Create an object from `object-add` arguments or `--object` options.
-pub fn add(threads: &mut IoThreads, mut args: Map<String, Value>, mode: InputMode) -> Result<()> {
-    let qom_type = take_string(&mut args, "qom-type")?;
-    let id = take_string(&mut args, "id")?;
-    // QMP nests properties under "props" in old clients; qemu still accepts flat.
-    match qom_type.as_str() {
+pub fn add(threads: &mut IoThreads, args: Map<String, Value>, mode: InputMode) -> Result<()> {
+    let args = ObjectAddArgs::from_raw(&Raw::new(Value::Object(args), mode))?;
+    let id = args.id.clone();
+    match args.qom_type.as_str() {
         "iothread" => {
-            let props: IothreadProps = qsd_qapi::from_value(&Value::Object(args), mode)?;
+            let props: IothreadProps = args.props()?;
             if threads.threads.contains_key(&id) {
                 bail!("attempt to add duplicate property '{id}' to object (type 'container')");
             }
@@ -104,12 +103,4 @@ pub fn del(threads: &mut IoThreads, id: &str, in_use: bool) -> Result<()> {
         t.stop();
     }
     Ok(())
-}
-
-fn take_string(args: &mut Map<String, Value>, key: &str) -> Result<String> {
-    match args.remove(key) {
-        Some(Value::String(s)) => Ok(s),
-        Some(_) => bail!("Invalid parameter type for '{key}', expected: string"),
-        None => bail!("Parameter '{key}' is missing"),
-    }
 }

@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use qsd_qapi::de::{from_value, InputMode};
-use serde::Deserialize;
+use qsd_qapi::options::{
+    split_blockdev, BlockdevCommon, BlockdevDetectZeroesOptions, BlockdevDiscardOptions,
+};
 use serde_json::{Map, Value};
 
 use crate::driver::{BlockDriver, BoxFut};
@@ -26,95 +28,45 @@ pub trait DriverFactory: Send + Sync + 'static {
     ) -> BoxFut<'a, Box<dyn BlockDriver>>;
 }
 
-/// The common members of `BlockdevOptions`, as they arrive.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-struct CommonArgs {
-    driver: String,
-    node_name: Option<String>,
-    discard: Option<DiscardArg>,
-    cache: Option<CacheArgs>,
-    read_only: Option<bool>,
-    auto_read_only: Option<bool>,
-    force_share: Option<bool>,
-    detect_zeroes: Option<DetectZeroes>,
-    active: Option<bool>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-struct CacheArgs {
-    direct: Option<bool>,
-    no_flush: Option<bool>,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-enum DiscardArg {
-    Ignore,
-    Unmap,
-}
-
-const COMMON_KEYS: [&str; 9] = [
-    "driver",
-    "node-name",
-    "discard",
-    "cache",
-    "read-only",
-    "auto-read-only",
-    "force-share",
-    "detect-zeroes",
-    "active",
-];
-
-impl CommonArgs {
-    /// Resolve against the parent's options (inline children inherit
-    /// read-only, cache and discard settings, as in qemu).
-    fn resolve(&self, parent: Option<&CommonOptions>) -> Result<CommonOptions> {
-        let base = parent.cloned().unwrap_or_default();
-        let cache = self.cache.as_ref();
-        let opts = CommonOptions {
-            read_only: self.read_only.unwrap_or(base.read_only),
-            auto_read_only: self.auto_read_only.unwrap_or(base.auto_read_only),
-            force_share: self.force_share.unwrap_or(base.force_share),
-            discard_unmap: self
-                .discard
-                .map_or(base.discard_unmap, |d| d == DiscardArg::Unmap),
-            detect_zeroes: self.detect_zeroes.unwrap_or(DetectZeroes::Off),
-            cache_direct: cache.and_then(|c| c.direct).unwrap_or(base.cache_direct),
-            cache_no_flush: cache
-                .and_then(|c| c.no_flush)
-                .unwrap_or(base.cache_no_flush),
-        };
-        if self.active == Some(false) {
-            return Err(Error::unsupported(
-                "inactive nodes (active=off) are not supported by qsd",
-            ));
-        }
-        if opts.force_share && !opts.read_only {
-            return Err(Error::invalid(
-                "force-share=on can only be used with read-only images",
-            ));
-        }
-        if opts.detect_zeroes == DetectZeroes::Unmap && !opts.discard_unmap {
-            return Err(Error::invalid(
-                "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
-            ));
-        }
-        Ok(opts)
+/// Resolve the common members of `BlockdevOptions` against the parent's
+/// options (inline children inherit read-only, cache and discard settings,
+/// as in qemu).
+fn resolve_common(args: &BlockdevCommon, parent: Option<&CommonOptions>) -> Result<CommonOptions> {
+    let base = parent.cloned().unwrap_or_default();
+    let cache = args.cache.as_ref();
+    let opts = CommonOptions {
+        read_only: args.read_only.unwrap_or(base.read_only),
+        auto_read_only: args.auto_read_only.unwrap_or(base.auto_read_only),
+        force_share: args.force_share.unwrap_or(base.force_share),
+        discard_unmap: args
+            .discard
+            .map_or(base.discard_unmap, |d| d == BlockdevDiscardOptions::Unmap),
+        detect_zeroes: match args.detect_zeroes.unwrap_or_default() {
+            BlockdevDetectZeroesOptions::Off => DetectZeroes::Off,
+            BlockdevDetectZeroesOptions::On => DetectZeroes::On,
+            BlockdevDetectZeroesOptions::Unmap => DetectZeroes::Unmap,
+        },
+        cache_direct: cache.and_then(|c| c.direct).unwrap_or(base.cache_direct),
+        cache_no_flush: cache
+            .and_then(|c| c.no_flush)
+            .unwrap_or(base.cache_no_flush),
+    };
+    if args.active == Some(false) {
+        return Err(Error::unsupported(
+            "inactive nodes (active=off) are not supported by qsd",
+        ));
     }
-}
-
-/// Split `blockdev-add` options into the common part and the driver's part.
-fn split_common(
-    opts: Map<String, Value>,
-    mode: InputMode,
-) -> Result<(CommonArgs, Map<String, Value>)> {
-    let (common, rest): (Map<String, Value>, Map<String, Value>) = opts
-        .into_iter()
-        .partition(|(k, _)| COMMON_KEYS.contains(&k.as_str()));
-    let args: CommonArgs = from_value(&Value::Object(common), mode)?;
-    Ok((args, rest))
+    if opts.force_share && !opts.read_only {
+        return Err(Error::invalid(
+            "force-share=on can only be used with read-only images",
+        ));
+    }
+    if opts.detect_zeroes == DetectZeroes::Unmap && !opts.discard_unmap {
+        return Err(Error::invalid(
+            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+        ));
+    }
+    Ok(opts)
 }
 
 /// qemu's rule for node names: a letter first, then letters, digits, '-', '.', '_'.
@@ -291,7 +243,7 @@ impl Graph {
         mode: InputMode,
         parent: Option<&CommonOptions>,
     ) -> Result<NodeRef> {
-        let (args, rest) = split_common(opts, mode)?;
+        let (args, rest) = split_blockdev(Value::Object(opts), mode)?;
         let implicit = args.node_name.is_none();
         let name = match &args.node_name {
             Some(n) => self.check_new_name(n)?,
@@ -307,7 +259,7 @@ impl Graph {
                     args.driver
                 ))
             })?;
-        let common = args.resolve(parent)?;
+        let common = resolve_common(&args, parent)?;
         let mut ctx = OpenCtx {
             graph: self,
             name: name.clone(),

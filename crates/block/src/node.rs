@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use qsd_rt::IoBuf;
-use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::driver::{BlockDriver, BlockStatus, WriteFlags, ZeroFlags};
@@ -17,8 +16,7 @@ use crate::{Error, ErrorKind, Perm, Result};
 pub type NodeRef = Arc<Node>;
 
 /// `detect-zeroes`: turn writes of zero buffers into write-zeroes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DetectZeroes {
     /// Never.
     #[default]
