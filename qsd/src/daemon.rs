@@ -52,12 +52,18 @@ impl Daemon {
     pub fn new() -> Self {
         let mut graph = Graph::new();
         qsd_drivers::register_all(&mut graph);
+        qsd_qcow2::register(&mut graph);
+        let events = EventBus::new();
+        let bus = events.clone();
+        graph.set_event_sink(qsd_block::EventSink::new(move |name, data| {
+            bus.emit(name, data);
+        }));
         Daemon {
             graph: tokio::sync::Mutex::new(graph),
             exports: tokio::sync::Mutex::new(Exports::default()),
             iothreads: Mutex::new(IoThreads::default()),
             chardevs: Mutex::new(BTreeMap::new()),
-            events: EventBus::new(),
+            events,
             stop: watch::channel(StopReason::Running).0,
             sockets: Mutex::new(Vec::new()),
         }

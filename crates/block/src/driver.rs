@@ -102,6 +102,14 @@ pub struct ImageInfo {
     pub dirty_flag: Option<bool>,
     /// `format-specific` member (`{"type": ..., "data": {...}}`), if any.
     pub format_specific: Option<serde_json::Value>,
+    /// The backing file name recorded in the image, if any.
+    pub backing_filename: Option<String>,
+    /// The backing file format recorded in the image, if any.
+    pub backing_format: Option<String>,
+    /// The image is encrypted (queries show only this, never key material).
+    pub encrypted: bool,
+    /// Internal snapshots as qemu's `SnapshotInfo` objects, if the format has them.
+    pub snapshots: Option<serde_json::Value>,
 }
 
 /// One block driver instance: the data plane of a node.

@@ -11,6 +11,7 @@ use qsd_qapi::options::{
 use serde_json::{Map, Value};
 
 use crate::driver::{BlockDriver, BoxFut};
+use crate::events::EventSink;
 use crate::node::{ChildLink, CommonOptions, DetectZeroes, Node};
 use crate::{Error, ErrorKind, NodeRef, Result};
 
@@ -123,7 +124,12 @@ impl OpenCtx<'_> {
         let node = match v {
             Value::String(name) => self.graph.lookup_for_child(&name)?,
             Value::Object(o) => {
-                let parent = self.opts.clone();
+                let mut parent = self.opts.clone();
+                // As in qemu, a backing file inherits the parent's options
+                // but is opened read-only unless it says otherwise.
+                if key == "backing" {
+                    parent.read_only = true;
+                }
                 Box::pin(self.graph.open_inner(o, self.mode, Some(&parent))).await?
             }
             _ => {
@@ -137,6 +143,20 @@ impl OpenCtx<'_> {
             node: node.clone(),
         });
         Ok(Some(node))
+    }
+
+    /// Open a child the driver found itself (a backing file named in an
+    /// image header): `opts` describe a new implicit node, or a string names
+    /// an existing one. The child is recorded under `role`.
+    pub async fn child_from(&mut self, role: &str, opts: Value) -> Result<NodeRef> {
+        let mut m = Map::new();
+        m.insert(role.to_string(), opts);
+        self.required_child(&mut m, role).await
+    }
+
+    /// Where the node raises QMP events.
+    pub fn events(&self) -> EventSink {
+        self.graph.events.clone()
     }
 
     /// Like [`OpenCtx::child`], but the member is required.
@@ -164,6 +184,7 @@ pub struct Graph {
     order: Vec<String>,
     factories: HashMap<&'static str, Arc<dyn DriverFactory>>,
     next_auto: u64,
+    events: EventSink,
 }
 
 impl std::fmt::Debug for Graph {
@@ -178,6 +199,11 @@ impl Graph {
     /// An empty graph with no drivers.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Send the events drivers raise (BLOCK_IMAGE_CORRUPTED, ...) to `sink`.
+    pub fn set_event_sink(&mut self, sink: EventSink) {
+        self.events = sink;
     }
 
     /// Make a driver available.

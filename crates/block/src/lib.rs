@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod driver;
 pub mod error;
+pub mod events;
 pub mod graph;
 pub mod mem;
 pub mod node;
@@ -18,6 +19,7 @@ pub mod stats;
 pub use backend::BlockBackend;
 pub use driver::{BlockDriver, BlockStatus, BoxFut, ImageInfo, Limits, WriteFlags, ZeroFlags};
 pub use error::{Error, ErrorKind, Result};
+pub use events::EventSink;
 pub use graph::{DriverFactory, Graph, OpenCtx};
 pub use node::{CommonOptions, DetectZeroes, Node, NodeRef};
 pub use perm::{Perm, PermUser};
