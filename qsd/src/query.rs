@@ -42,21 +42,60 @@ fn image_info(node: &NodeRef) -> Value {
     if let Some(f) = info.format_specific {
         image["format-specific"] = f;
     }
+    if let Some(s) = info.snapshots {
+        image["snapshots"] = s;
+    }
+    if let Some(b) = info.backing_filename {
+        image["backing-filename"] = json!(b);
+    }
+    if let Some(f) = info.backing_format {
+        image["backing-filename-format"] = json!(f);
+    }
+    if let Some(backing) = backing_child(node) {
+        let inner = image_info(&backing);
+        image["full-backing-filename"] = inner["filename"].clone();
+        image["backing-image"] = inner;
+    }
     image
+}
+
+/// The node's backing child, if it has one.
+fn backing_child(node: &NodeRef) -> Option<NodeRef> {
+    node.children()
+        .iter()
+        .find(|c| c.role == "backing")
+        .map(|c| c.node.clone())
+}
+
+/// How many backing files are below `node`.
+fn backing_depth(node: &NodeRef) -> usize {
+    let mut depth = 0;
+    let mut cur = backing_child(node);
+    while let Some(n) = cur {
+        depth += 1;
+        cur = backing_child(&n);
+    }
+    depth
 }
 
 /// One entry of `query-named-block-nodes` (`BlockDeviceInfo`).
 pub fn node_info(node: &NodeRef) -> Value {
     let o = node.options();
     let image = image_info(node);
-    json!({
+    let encrypted = node.driver().image_info().encrypted;
+    let mut info = json!({
         "iops_rd": 0, "detect_zeroes": detect_zeroes_name(node), "active": true,
         "image": image.clone(), "iops_wr": 0, "ro": o.read_only, "node-name": node.name(),
-        "backing_file_depth": 0, "drv": node.driver().driver_name(), "iops": 0, "bps_wr": 0,
-        "write_threshold": 0, "encrypted": false, "bps": 0, "bps_rd": 0,
+        "backing_file_depth": backing_depth(node), "drv": node.driver().driver_name(),
+        "iops": 0, "bps_wr": 0, "write_threshold": 0, "encrypted": encrypted, "bps": 0,
+        "bps_rd": 0,
         "cache": {"no-flush": o.cache_no_flush, "direct": o.cache_direct, "writeback": true},
         "file": image["filename"].clone(),
-    })
+    });
+    if let Some(full) = image.get("full-backing-filename") {
+        info["backing_file"] = full.clone();
+    }
+    info
 }
 
 /// `query-named-block-nodes`: newest node first, as qemu lists them.

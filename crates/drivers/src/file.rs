@@ -479,6 +479,9 @@ impl BlockDriver for PosixFile {
         ImageInfo {
             filename: self.filename.clone(),
             actual_size: posix::allocated_size(&self.file),
+            // qemu reports both for file-posix nodes (its get_info succeeds).
+            dirty_flag: Some(false),
+            format_specific: Some(serde_json::json!({"type": "file", "data": {}})),
             ..ImageInfo::default()
         }
     }
