@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use crate::driver::{BlockDriver, BoxFut};
 use crate::events::EventSink;
 use crate::node::{ChildLink, CommonOptions, DetectZeroes, Node};
+use crate::secrets::{SecretRef, SecretStore};
 use crate::{Error, ErrorKind, NodeRef, Result};
 
 /// Opens one kind of driver from its options (the common options already
@@ -154,6 +155,12 @@ impl OpenCtx<'_> {
         self.required_child(&mut m, role).await
     }
 
+    /// Look up secret `id` (a `key-secret` option). Keep the handle for as
+    /// long as the node needs the secret: that keeps it from being deleted.
+    pub fn secret(&self, id: &str) -> Result<SecretRef> {
+        self.graph.secrets.get(id)
+    }
+
     /// Where the node raises QMP events.
     pub fn events(&self) -> EventSink {
         self.graph.events.clone()
@@ -185,6 +192,7 @@ pub struct Graph {
     factories: HashMap<&'static str, Arc<dyn DriverFactory>>,
     next_auto: u64,
     events: EventSink,
+    secrets: SecretStore,
 }
 
 impl std::fmt::Debug for Graph {
@@ -204,6 +212,11 @@ impl Graph {
     /// Send the events drivers raise (BLOCK_IMAGE_CORRUPTED, ...) to `sink`.
     pub fn set_event_sink(&mut self, sink: EventSink) {
         self.events = sink;
+    }
+
+    /// The secrets drivers may look up (shared with the daemon's objects).
+    pub fn secrets(&self) -> &SecretStore {
+        &self.secrets
     }
 
     /// Make a driver available.

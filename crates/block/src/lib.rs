@@ -14,6 +14,7 @@ pub mod graph;
 pub mod mem;
 pub mod node;
 pub mod perm;
+pub mod secrets;
 pub mod stats;
 
 pub use backend::BlockBackend;
@@ -24,3 +25,4 @@ pub use graph::{DriverFactory, Graph, OpenCtx};
 pub use node::{CommonOptions, DetectZeroes, Node, NodeRef};
 pub use perm::{Perm, PermUser};
 pub use qsd_rt::IoBuf;
+pub use secrets::{Secret, SecretRef, SecretStore};
