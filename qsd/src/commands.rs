@@ -42,7 +42,7 @@ pub const COMMANDS: &[&str] = &[
 ];
 
 /// Every event we may emit.
-pub const EVENTS: &[&str] = &["BLOCK_EXPORT_DELETED", "SHUTDOWN"];
+pub const EVENTS: &[&str] = &["BLOCK_EXPORT_DELETED", "BLOCK_IMAGE_CORRUPTED", "SHUTDOWN"];
 
 /// The dispatcher the monitors call.
 #[derive(Debug, Clone)]
