@@ -117,7 +117,10 @@ pub struct ImageInfo {
 /// Requests reach a driver through [`crate::Node`], which has already checked
 /// read-only state, applied `discard`/`detect-zeroes`/`cache.no-flush`, and
 /// padded requests to `limits().request_alignment`.
-pub trait BlockDriver: Send + Sync + 'static {
+///
+/// `Any` is a supertrait so that a caller holding a node can reach the
+/// driver-specific API (`(node.driver() as &dyn Any).downcast_ref::<T>()`).
+pub trait BlockDriver: std::any::Any + Send + Sync + 'static {
     /// The driver's name as in `--blockdev driver=...`.
     fn driver_name(&self) -> &'static str;
 
