@@ -3,7 +3,8 @@
 #
 # apt: qemu-utils (qemu-img, qemu-io, qemu-nbd and, on bookworm-backports,
 #      qemu-storage-daemon), libnbd-bin (nbdinfo, nbdcopy), python3-libnbd
-#      (nbdsh and the `nbd` module for the system python), fio (nbd engine).
+#      (nbdsh and the `nbd` module for the system python), fio (nbd engine),
+#      cryptsetup-bin (checks LUKS headers qsd writes).
 # pip: qemu.qmp and pytest for the python3 found on PATH.
 #
 # Fast path: when every tool and module is already present, nothing is
@@ -20,6 +21,7 @@ APT_TOOLS=(
     nbdcopy:libnbd-bin
     nbdsh:python3-libnbd
     fio:fio
+    cryptsetup:cryptsetup-bin
 )
 PY_MODULES=(
     # module:pip-package

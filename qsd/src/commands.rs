@@ -185,7 +185,7 @@ async fn block_resize(d: &Daemon, args: Map<String, Value>) -> CmdResult {
 }
 
 async fn object_add(d: &Daemon, args: Map<String, Value>) -> CmdResult {
-    objects::add(&mut d.iothreads(), args, InputMode::Qmp).map_err(generic)?;
+    objects::add(&mut d.iothreads(), &d.secrets, args, InputMode::Qmp).map_err(generic)?;
     Ok(json!({}))
 }
 
@@ -198,6 +198,6 @@ struct IdArg {
 async fn object_del(d: &Daemon, args: Map<String, Value>) -> CmdResult {
     let a: IdArg = parse(args)?;
     let in_use = d.exports.lock().await.uses_iothread(&a.id);
-    objects::del(&mut d.iothreads(), &a.id, in_use).map_err(generic)?;
+    objects::del(&mut d.iothreads(), &d.secrets, &a.id, in_use).map_err(generic)?;
     Ok(json!({}))
 }

@@ -42,6 +42,8 @@ pub struct Daemon {
     pub chardevs: Mutex<BTreeMap<String, Chardev>>,
     /// QMP events to every monitor.
     pub events: EventBus,
+    /// `secret` objects (shared with the graph, where drivers look them up).
+    pub secrets: qsd_block::SecretStore,
     stop: watch::Sender<StopReason>,
     /// Unix socket paths we bound, removed at exit.
     sockets: Mutex<Vec<String>>,
@@ -58,7 +60,9 @@ impl Daemon {
         graph.set_event_sink(qsd_block::EventSink::new(move |name, data| {
             bus.emit(name, data);
         }));
+        let secrets = graph.secrets().clone();
         Daemon {
+            secrets,
             graph: tokio::sync::Mutex::new(graph),
             exports: tokio::sync::Mutex::new(Exports::default()),
             iothreads: Mutex::new(IoThreads::default()),

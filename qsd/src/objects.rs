@@ -1,13 +1,17 @@
-//! `--object` / `object-add` / `object-del`. Only `iothread` exists so far;
-//! other qemu object types are refused with a clear message.
+//! `--object` / `object-add` / `object-del`: `iothread` and `secret`; other
+//! qemu object types are refused with a clear message.
 
 use std::collections::BTreeMap;
 
 use anyhow::{anyhow, bail, Result};
+use qsd_block::SecretStore;
+use qsd_luks::secret::{decode_secret, SecretFormat};
 use qsd_qapi::options::{IothreadProps, ObjectAddArgs};
 use qsd_qapi::{InputMode, Raw};
 use qsd_rt::IoThread;
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use zeroize::Zeroizing;
 
 /// The running I/O threads by id.
 #[derive(Debug, Default)]
@@ -69,20 +73,94 @@ const QEMU_OBJECT_TYPES: &[&str] = &[
     "x-vfio-user-server",
 ];
 
+/// Properties of a `secret` object (qemu's `SecretProperties`).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct SecretProps {
+    data: Option<String>,
+    file: Option<String>,
+    format: Option<SecretFormatArg>,
+    keyid: Option<String>,
+    iv: Option<String>,
+    /// Deprecated in qemu and without effect.
+    #[allow(dead_code)]
+    loaded: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum SecretFormatArg {
+    Raw,
+    Base64,
+}
+
+/// The plain bytes of a new secret, as qemu computes them.
+fn secret_bytes(secrets: &SecretStore, p: &SecretProps) -> Result<Zeroizing<Vec<u8>>> {
+    let input = match (&p.data, &p.file) {
+        (Some(_), Some(_)) => bail!("'file' and 'data' are mutually exclusive"),
+        (None, None) => bail!("Either 'file' or 'data' must be provided"),
+        (Some(d), None) => Zeroizing::new(d.as_bytes().to_vec()),
+        (None, Some(f)) => Zeroizing::new(
+            std::fs::read(f).map_err(|e| anyhow!("Unable to read {f}: {}", read_error(f, &e)))?,
+        ),
+    };
+    let format = match p.format.unwrap_or(SecretFormatArg::Raw) {
+        SecretFormatArg::Raw => SecretFormat::Raw,
+        SecretFormatArg::Base64 => SecretFormat::Base64,
+    };
+    let master = match &p.keyid {
+        Some(k) => Some(secrets.get(k).map_err(|e| anyhow!("{}", e.message()))?),
+        None => None,
+    };
+    let master = master.as_ref().map(|m| (m.bytes(), p.iv.as_deref()));
+    decode_secret(&input, format, master).map_err(|e| anyhow!("{e}"))
+}
+
+/// glib's wording of a failed file read, which qemu passes on.
+fn read_error(path: &str, e: &std::io::Error) -> String {
+    let why = e.raw_os_error().map_or_else(
+        || e.to_string(),
+        |n| nix::errno::Errno::from_raw(n).desc().to_string(),
+    );
+    format!("Failed to open file \u{201c}{path}\u{201d}: {why}")
+}
+
+/// Object ids are one namespace, whatever the type (qemu's /objects).
+fn id_taken(threads: &IoThreads, secrets: &SecretStore, id: &str) -> bool {
+    threads.threads.contains_key(id) || secrets.contains(id)
+}
+
 /// Create an object from `object-add` arguments or `--object` options.
-pub fn add(threads: &mut IoThreads, args: Map<String, Value>, mode: InputMode) -> Result<()> {
+pub fn add(
+    threads: &mut IoThreads,
+    secrets: &SecretStore,
+    args: Map<String, Value>,
+    mode: InputMode,
+) -> Result<()> {
     let args = ObjectAddArgs::from_raw(&Raw::new(Value::Object(args), mode))?;
     let id = args.id.clone();
+    let duplicate =
+        || anyhow!("attempt to add duplicate property '{id}' to object (type 'container')");
     match args.qom_type.as_str() {
         "iothread" => {
             let props: IothreadProps = args.props()?;
-            if threads.threads.contains_key(&id) {
-                bail!("attempt to add duplicate property '{id}' to object (type 'container')");
+            if id_taken(threads, secrets, &id) {
+                return Err(duplicate());
             }
             let t =
                 IoThread::spawn(&id).map_err(|e| anyhow!("cannot start iothread '{id}': {e}"))?;
             threads.threads.insert(id, (t, props));
             Ok(())
+        }
+        "secret" => {
+            let props: SecretProps = args.props()?;
+            let bytes = secret_bytes(secrets, &props)?;
+            if id_taken(threads, secrets, &id) {
+                return Err(duplicate());
+            }
+            secrets
+                .insert(&id, bytes)
+                .map_err(|e| anyhow!("{}", e.message()))
         }
         t if QEMU_OBJECT_TYPES.contains(&t) => {
             bail!("object type '{t}' is not supported by qsd yet")
@@ -91,8 +169,12 @@ pub fn add(threads: &mut IoThreads, args: Map<String, Value>, mode: InputMode) -
     }
 }
 
-/// Delete an object. An I/O thread still used by an export is refused.
-pub fn del(threads: &mut IoThreads, id: &str, in_use: bool) -> Result<()> {
+/// Delete an object. An I/O thread still used by an export, or a secret a
+/// node holds, is refused.
+pub fn del(threads: &mut IoThreads, secrets: &SecretStore, id: &str, in_use: bool) -> Result<()> {
+    if secrets.contains(id) {
+        return secrets.remove(id).map_err(|e| anyhow!("{}", e.message()));
+    }
     if !threads.threads.contains_key(id) {
         bail!("object '{id}' not found");
     }
