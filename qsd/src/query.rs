@@ -42,6 +42,9 @@ fn image_info(node: &NodeRef) -> Value {
     if let Some(f) = info.format_specific {
         image["format-specific"] = f;
     }
+    if info.encrypted {
+        image["encrypted"] = json!(true);
+    }
     if let Some(s) = info.snapshots {
         image["snapshots"] = s;
     }

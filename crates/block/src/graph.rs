@@ -306,8 +306,20 @@ impl Graph {
             opts: common.clone(),
             children: Vec::new(),
         };
-        let driver = factory.open(&mut ctx, rest).await?;
+        let opened = factory.open(&mut ctx, rest).await;
         let children = std::mem::take(&mut ctx.children);
+        let driver = match opened {
+            Ok(d) => d,
+            Err(e) => {
+                let kids: Vec<NodeRef> = children.into_iter().map(|c| c.node).collect();
+                for child in kids {
+                    if child.is_implicit() && Arc::strong_count(&child) == 2 {
+                        let _ = Box::pin(self.close_tree(child)).await;
+                    }
+                }
+                return Err(e);
+            }
+        };
         let node = Node::new(name.clone(), implicit, common, driver, children);
         self.order.push(name.clone());
         self.nodes.insert(name, node.clone());

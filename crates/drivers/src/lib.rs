@@ -1,13 +1,14 @@
 //! Block drivers of qsd: the `file` and `host_device` protocols (image
 //! files and host block devices, with qemu-compatible image locks), the
-//! `raw` format (optionally a window of its child), and the `null-co` /
-//! `null-aio` devices.
+//! `raw` format (optionally a window of its child), the `luks` format
+//! (LUKS1 encryption), and the `null-co` / `null-aio` devices.
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod file;
 pub mod jsonname;
 mod lock;
+pub mod luks;
 pub mod null;
 mod posix;
 pub mod raw;
@@ -18,6 +19,7 @@ mod tests;
 use std::sync::Arc;
 
 pub use file::{FileFactory, PosixFile};
+pub use luks::{unlock_luks_at, LuksDriver, LuksFactory};
 pub use null::{NullDriver, NullFactory};
 pub use raw::{RawDriver, RawFactory};
 
@@ -26,6 +28,7 @@ pub fn register_all(graph: &mut qsd_block::Graph) {
     graph.register(Arc::new(FileFactory::file()));
     graph.register(Arc::new(FileFactory::host_device()));
     graph.register(Arc::new(RawFactory));
+    graph.register(Arc::new(LuksFactory));
     graph.register(Arc::new(NullFactory::co()));
     graph.register(Arc::new(NullFactory::aio()));
 }
