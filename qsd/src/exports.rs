@@ -1,15 +1,19 @@
 //! Exports: the NBD server and the table of exports behind
-//! `--nbd-server`, `--export`, `block-export-*` and `nbd-server-*`.
+//! `--nbd-server`, `--export`, `block-export-*` and `nbd-server-*`; FUSE
+//! exports live in the same table.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 use qsd_block::{BlockBackend, NodeRef, Perm};
+use qsd_export_fuse::{AllowOther, FuseExport, FuseExportOptions};
 use qsd_export_nbd::{ExportOptions, ListenAddr, NbdExport, NbdServer, RemoveMode, ServerOptions};
 use qsd_qapi::options::{
-    BlockExportDelArgs, BlockExportKind, BlockExportOptions, BlockExportRemoveMode,
-    NbdServerAddArgs, NbdServerOptions, NbdServerRemoveArgs, NbdServerStartArgs, SocketAddress,
+    BlockExportDelArgs, BlockExportKind, BlockExportOptions, BlockExportOptionsFuse,
+    BlockExportRemoveMode, FuseExportAllowOther, NbdServerAddArgs, NbdServerOptions,
+    NbdServerRemoveArgs, NbdServerStartArgs, SocketAddress,
 };
 use qsd_qapi::{InputMode, Raw};
 use qsd_qmp::QmpError;
@@ -18,13 +22,55 @@ use serde_json::{json, Map, Value};
 use crate::commands::generic;
 use crate::daemon::Daemon;
 
+/// What kind of export an entry is.
+#[derive(Debug)]
+enum Kind {
+    Nbd(Arc<NbdExport>),
+    Fuse(Arc<FuseExport>),
+}
+
 /// One export in the table.
 #[derive(Debug)]
 struct Entry {
     id: String,
     node_name: String,
     iothread: Option<String>,
-    nbd: Arc<NbdExport>,
+    kind: Kind,
+}
+
+impl Entry {
+    fn nbd(&self) -> Option<&Arc<NbdExport>> {
+        match &self.kind {
+            Kind::Nbd(e) => Some(e),
+            Kind::Fuse(_) => None,
+        }
+    }
+
+    fn is_removed(&self) -> bool {
+        match &self.kind {
+            Kind::Nbd(e) => e.is_removed(),
+            Kind::Fuse(e) => e.is_removed(),
+        }
+    }
+
+    fn type_name(&self) -> &'static str {
+        match &self.kind {
+            Kind::Nbd(_) => "nbd",
+            Kind::Fuse(_) => "fuse",
+        }
+    }
+
+    /// Statistics JSON of the backend (a removed FUSE export has none).
+    fn stats(&self, highest: Option<u64>) -> Option<Value> {
+        let json = |s: &qsd_block::stats::Stats| match highest {
+            Some(h) => s.to_json_with_highest(h),
+            None => s.to_json(),
+        };
+        match &self.kind {
+            Kind::Nbd(e) => Some(json(e.backend().stats())),
+            Kind::Fuse(e) => e.backend().map(|b| json(b.stats())),
+        }
+    }
 }
 
 /// The NBD server (if started) and every export.
@@ -42,8 +88,8 @@ impl Exports {
             .iter()
             .rev()
             .map(|e| {
-                json!({"node-name": e.node_name, "shutting-down": e.nbd.is_removed(),
-                       "type": "nbd", "id": e.id})
+                json!({"node-name": e.node_name, "shutting-down": e.is_removed(),
+                       "type": e.type_name(), "id": e.id})
             })
             .collect();
         Value::Array(list)
@@ -54,7 +100,10 @@ impl Exports {
         let list = self
             .list
             .iter()
-            .map(|e| json!({"node-name": e.node_name, "stats": e.nbd.backend().stats().to_json()}))
+            .filter_map(|e| {
+                let stats = e.stats(None)?;
+                Some(json!({"node-name": e.node_name, "stats": stats}))
+            })
             .collect();
         Value::Array(list)
     }
@@ -64,10 +113,12 @@ impl Exports {
     /// child's entry as `parent` (qemu's naming).
     pub fn node_stats(&self, node: &NodeRef) -> Value {
         let highest = node.wr_highest_offset();
-        let stats = match self.list.iter().find(|e| e.node_name == node.name()) {
-            Some(e) => e.nbd.backend().stats().to_json_with_highest(highest),
-            None => qsd_block::stats::Stats::default().to_json_with_highest(highest),
-        };
+        let stats = self
+            .list
+            .iter()
+            .filter(|e| e.node_name == node.name())
+            .find_map(|e| e.stats(Some(highest)))
+            .unwrap_or_else(|| qsd_block::stats::Stats::default().to_json_with_highest(highest));
         let mut entry = json!({"node-name": node.name(), "stats": stats});
         if let Some(file) = node.children().iter().find(|c| c.role == "file") {
             entry["parent"] = self.node_stats(&file.node);
@@ -157,19 +208,24 @@ pub async fn qmp_nbd_server_stop(
     let mut ex = d.exports.lock().await;
     let server = ex.server().map_err(generic)?.clone();
     for (export, gone) in server.stop() {
-        if let Some(e) = ex.list.iter().find(|e| Arc::ptr_eq(&e.nbd, &export)) {
-            watch_gone(d, e.id.clone(), gone);
+        let found = ex
+            .list
+            .iter()
+            .find(|e| e.nbd().is_some_and(|n| Arc::ptr_eq(n, &export)));
+        if let Some(e) = found {
+            watch_gone(d, e.id.clone(), gone.wait());
         }
     }
     ex.nbd = None;
     Ok(json!({}))
 }
 
-/// Emit BLOCK_EXPORT_DELETED and forget the export once its last client is gone.
-fn watch_gone(d: &Arc<Daemon>, id: String, gone: qsd_export_nbd::ExportGone) {
+/// Emit BLOCK_EXPORT_DELETED and forget the export once `gone` resolves
+/// (its last client or request is gone).
+fn watch_gone(d: &Arc<Daemon>, id: String, gone: impl Future<Output = ()> + Send + 'static) {
     let d = d.clone();
     tokio::spawn(async move {
-        gone.wait().await;
+        gone.await;
         forget(&d, &id).await;
     });
 }
@@ -185,7 +241,7 @@ pub async fn add(d: &Daemon, opts: Map<String, Value>, mode: InputMode) -> Resul
     let o = BlockExportOptions::from_raw(&Raw::new(Value::Object(opts), mode))?;
     let nbd = match &o.kind {
         BlockExportKind::Nbd(n) => n.clone(),
-        BlockExportKind::Fuse(_) => bail!("export type 'fuse' is not supported by qsd yet"),
+        BlockExportKind::Fuse(f) => return add_fuse(d, &o, f).await,
         BlockExportKind::VhostUserBlk(_) => {
             bail!("export type 'vhost-user-blk' is not supported by qsd yet")
         }
@@ -241,7 +297,67 @@ pub async fn add(d: &Daemon, opts: Map<String, Value>, mode: InputMode) -> Resul
         id: o.id,
         node_name: o.node_name,
         iothread: o.iothread,
-        nbd: export,
+        kind: Kind::Nbd(export),
+    });
+    Ok(())
+}
+
+/// `block-export-add type=fuse`: mount the node over a regular file. The
+/// common checks and their wording are the NBD path's.
+async fn add_fuse(d: &Daemon, o: &BlockExportOptions, f: &BlockExportOptionsFuse) -> Result<()> {
+    if o.writethrough == Some(true) {
+        bail!("writethrough=on is not supported by qsd yet");
+    }
+    let mut ex = d.exports.lock().await;
+    if ex.list.iter().any(|e| e.id == o.id) {
+        bail!("Block export id '{}' is already in use", o.id);
+    }
+    let node = d.graph.lock().await.lookup(&o.node_name)?;
+    let writable = o.writable.unwrap_or(false);
+    if writable && node.is_read_only() {
+        bail!("Cannot export read-only node as writable");
+    }
+    let io = match &o.iothread {
+        Some(id) => d
+            .iothreads()
+            .handle(id)
+            .ok_or_else(|| anyhow!("iothread \"{id}\" not found"))?,
+        None => tokio::runtime::Handle::current(),
+    };
+    let mounted_there = |e: &Entry| match &e.kind {
+        Kind::Fuse(x) => !x.is_removed() && x.is_mounted_at(&f.mountpoint),
+        Kind::Nbd(_) => false,
+    };
+    if ex.list.iter().any(mounted_there) {
+        bail!("There already is a FUSE export on '{}'", f.mountpoint);
+    }
+    let opts = FuseExportOptions {
+        mountpoint: f.mountpoint.clone(),
+        writable,
+        growable: f.growable.unwrap_or(false),
+        allow_other: match f.allow_other.unwrap_or_default() {
+            FuseExportAllowOther::On => AllowOther::On,
+            FuseExportAllowOther::Off => AllowOther::Off,
+            FuseExportAllowOther::Auto => AllowOther::Auto,
+        },
+        io,
+        threads: qsd_export_fuse::DEFAULT_THREADS,
+    };
+    // Mounting blocks (mount(2), the FUSE handshake): keep it off this thread.
+    let export = tokio::task::spawn_blocking(move || FuseExport::start(node, opts))
+        .await
+        .map_err(|e| anyhow!("FUSE export set-up failed: {e}"))?
+        .map_err(|e| {
+            if let qsd_export_fuse::Error::Mount { path, source } = &e {
+                tracing::warn!("mounting a FUSE export on '{path}': {source}");
+            }
+            anyhow!(e)
+        })?;
+    ex.list.push(Entry {
+        id: o.id.clone(),
+        node_name: o.node_name.clone(),
+        iothread: o.iothread.clone(),
+        kind: Kind::Fuse(export),
     });
     Ok(())
 }
@@ -267,19 +383,34 @@ async fn remove(d: &Arc<Daemon>, id: &str, mode: RemoveMode) -> Result<()> {
     let Some(e) = ex.list.iter().find(|e| e.id == id) else {
         bail!("Export '{id}' is not found");
     };
-    if e.nbd.is_removed() {
+    if e.is_removed() {
         bail!("Export '{id}' is already shutting down");
     }
+    let nbd = match &e.kind {
+        Kind::Nbd(n) => n,
+        Kind::Fuse(f) => {
+            // Like qemu: open files do not hold a FUSE export, both modes
+            // unmount at once; the event follows when no request is left.
+            let gone = f.remove();
+            drop(ex);
+            if gone.is_gone() {
+                forget(d, id).await;
+            } else {
+                watch_gone(d, id.to_string(), gone.wait());
+            }
+            return Ok(());
+        }
+    };
     let server = ex.server()?;
     let gone = server
-        .remove_export(e.nbd.name(), mode)
+        .remove_export(nbd.name(), mode)
         .map_err(|err| match err {
             qsd_export_nbd::Error::ExportInUse(_) => {
                 anyhow!("export '{id}' still in use")
             }
             other => anyhow!(other),
         })?;
-    watch_gone(d, id.to_string(), gone);
+    watch_gone(d, id.to_string(), gone.wait());
     Ok(())
 }
 
@@ -333,7 +464,7 @@ pub async fn qmp_nbd_server_remove(
         let ex = d.exports.lock().await;
         ex.list
             .iter()
-            .find(|e| e.nbd.name() == a.name)
+            .find(|e| e.nbd().is_some_and(|n| n.name() == a.name))
             .map(|e| e.id.clone())
     };
     let Some(id) = id else {
@@ -346,22 +477,31 @@ pub async fn qmp_nbd_server_remove(
 /// Daemon shutdown: stop the server, disconnect clients (requests in flight
 /// complete first), and wait — bounded — until every export is gone.
 pub async fn shutdown(d: &Arc<Daemon>) {
+    type Gone = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
     let removed = {
         let mut ex = d.exports.lock().await;
         let removed = ex.nbd.take().map(|s| s.stop()).unwrap_or_default();
-        let ids: Vec<(String, qsd_export_nbd::ExportGone)> = removed
+        let mut ids: Vec<(String, Gone)> = removed
             .into_iter()
             .filter_map(|(exp, gone)| {
                 ex.list
                     .iter()
-                    .find(|e| Arc::ptr_eq(&e.nbd, &exp))
-                    .map(|e| (e.id.clone(), gone))
+                    .find(|e| e.nbd().is_some_and(|n| Arc::ptr_eq(n, &exp)))
+                    .map(|e| (e.id.clone(), Box::pin(gone.wait()) as Gone))
             })
             .collect();
+        // FUSE exports: unmount now (a hard removal).
+        for e in &ex.list {
+            if let Kind::Fuse(f) = &e.kind {
+                if !f.is_removed() {
+                    ids.push((e.id.clone(), Box::pin(f.remove().wait())));
+                }
+            }
+        }
         ids
     };
     for (id, gone) in removed {
-        if tokio::time::timeout(Duration::from_secs(10), gone.wait())
+        if tokio::time::timeout(Duration::from_secs(10), gone)
             .await
             .is_err()
         {

@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""fio on a FUSE export's mounted file, against two storage daemons.
+
+    benches/fuse_fio.sh [--a BIN] [--b BIN] [--image PATH] [--size BYTES]
+                        [--format raw|qcow2] [--runtime S] [--repeats N]
+                        [--jobs a,b] [--file-opts OPTS] [--iothread]
+                        [--daemon-cpus 0] [--fio-cpus 1]
+
+Defaults: A = target/release/qsd (or $BENCH_A), B = qemu-storage-daemon
+(or $BENCH_B), a 1 GiB raw image in /var/tmp filled with data on a file
+node with cache.direct=on, exported writable over FUSE onto a file in a
+scratch directory; fio uses libaio with O_DIRECT on that file, 10 s per job,
+3 repeats alternating A B A B. Prints a Markdown table with median IOPS or
+MiB/s, the ratio A/B, and server CPU time per I/O (the daemon's threads only;
+the kernel's FUSE work on the client side is not counted for either).
+
+Needs root (FUSE mounts) and /dev/fuse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lib  # noqa: E402
+
+# name -> (fio options, unit of the headline number)
+JOBS = {
+    "randread-4k-qd1": ("--rw=randread --bs=4k --iodepth=1", "IOPS"),
+    "randread-4k-qd32": ("--rw=randread --bs=4k --iodepth=32", "IOPS"),
+    "randwrite-4k-qd1": ("--rw=randwrite --bs=4k --iodepth=1", "IOPS"),
+    "randwrite-4k-qd32": ("--rw=randwrite --bs=4k --iodepth=32", "IOPS"),
+    "read-1m": ("--rw=read --bs=1M --iodepth=8", "MiB/s"),
+    "write-1m": ("--rw=write --bs=1M --iodepth=8", "MiB/s"),
+}
+
+
+def mounted(path: Path) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == str(path) for line in f)
+
+
+def fuse_target(image: Path, fmt: str, file_opts: str, iothread: bool) -> lib.Target:
+    """The image's node exported writable over FUSE; the QMP socket (set up
+    after the export) tells when the mount is ready."""
+
+    def args(workdir: Path) -> tuple[list[str], Path]:
+        mnt = workdir / "mnt"
+        mnt.write_bytes(b"")
+        qmp = workdir / "qmp.sock"
+        opts = f",{file_opts}" if file_opts else ""
+        io = ",iothread=io0" if iothread else ""
+        pre = ["--object", "iothread,id=io0"] if iothread else []
+        return ([
+            *pre,
+            "--blockdev", f"driver=file,node-name=file0,filename={image}{opts}",
+            "--blockdev", f"driver={fmt},node-name=fmt0,file=file0",
+            "--export", f"type=fuse,id=exp0,node-name=fmt0,mountpoint={mnt},"
+                        f"writable=on{io}",
+            "--chardev", f"socket,id=mon0,path={qmp},server=on,wait=off",
+            "--monitor", "chardev=mon0",
+        ], qmp)
+
+    return lib.Target(args, lambda sock: str(sock.parent / "mnt"))
+
+
+def prepare_image(raw: Path, size: int, fmt: str) -> Path:
+    raw = lib.prepare_raw_image(raw, size)
+    if fmt == "raw":
+        return raw
+    q = raw.with_suffix(".qcow2")
+    if not q.exists() or q.stat().st_mtime < raw.stat().st_mtime:
+        lib.run_quiet(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(q)])
+    return q
+
+
+def run_fio(path: str, opts: str, runtime: int, out: Path, cpus: str = "") -> dict:
+    pin = [f"--cpus_allowed={cpus}"] if cpus else []
+    cmd = ["fio", *pin, "--name=bench", "--ioengine=libaio", "--direct=1",
+           f"--filename={path}", "--time_based", f"--runtime={runtime}",
+           "--output-format=json", f"--output={out}", *opts.split()]
+    lib.run_quiet(cmd, timeout=runtime + 60)
+    job = json.loads(out.read_text())["jobs"][0]
+    if job["error"]:
+        raise SystemExit(f"fio error {job['error']}: {' '.join(cmd)}")
+    return job
+
+
+def measure(spec: lib.DaemonSpec, target: lib.Target, job: str, args) -> lib.Sample:
+    opts, unit = JOBS[job]
+    daemon = lib.start(spec, target, args.workdir, cpus=args.daemon_cpus)
+    mnt = Path(target.uri(daemon.sock))
+    try:
+        if not mounted(mnt):
+            raise SystemExit(f"{spec.label}: {mnt} is not mounted")
+        cpu0 = daemon.cpu_seconds()
+        res = run_fio(str(mnt), opts, args.runtime, args.workdir / "fio.json",
+                      args.fio_cpus)
+        cpu1 = daemon.cpu_seconds()
+    finally:
+        daemon.stop()
+        if mounted(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+    ios = res["read"]["total_ios"] + res["write"]["total_ios"]
+    if unit == "IOPS":
+        value = res["read"]["iops"] + res["write"]["iops"]
+    else:
+        value = (res["read"]["bw_bytes"] + res["write"]["bw_bytes"]) / lib.MiB
+    cpu_per_io = (cpu1 - cpu0) * 1e6 / ios if ios else float("nan")
+    return lib.Sample(value, cpu_per_io)
+
+
+def main() -> None:
+    a_def, b_def = lib.default_pair()
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--a", default=a_def.binary, help="daemon A (default qsd)")
+    p.add_argument("--b", default=b_def.binary, help="daemon B (default qemu-storage-daemon)")
+    p.add_argument("--image", default="/var/tmp/qsd-bench.raw")
+    p.add_argument("--size", type=int, default=1024 * lib.MiB)
+    p.add_argument("--format", choices=["raw", "qcow2"], default="raw")
+    p.add_argument("--runtime", type=int, default=10, help="seconds per job run")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--jobs", default=",".join(JOBS), help="comma-separated job names")
+    p.add_argument("--file-opts", default="cache.direct=on",
+                   help="extra options of the file node, same for both daemons")
+    p.add_argument("--iothread", action="store_true", help="run the export on an iothread")
+    p.add_argument("--daemon-cpus", default="", help="taskset CPU list for the daemon")
+    p.add_argument("--fio-cpus", default="", help="fio cpus_allowed list")
+    args = p.parse_args()
+
+    lib.need_tool("fio", "fio")
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        raise SystemExit("FUSE exports need root and /dev/fuse")
+    a, b = lib.DaemonSpec("A", args.a), lib.DaemonSpec("B", args.b)
+    a.resolved(), b.resolved()
+    jobs = [j for j in args.jobs.split(",") if j]
+    unknown = [j for j in jobs if j not in JOBS]
+    if unknown:
+        raise SystemExit(f"unknown jobs {unknown}; known: {list(JOBS)}")
+
+    image = prepare_image(Path(args.image), args.size, args.format)
+    target = fuse_target(image, args.format, args.file_opts, args.iothread)
+    workdir = args.workdir = lib.workdir()
+    results = []
+    try:
+        for job in jobs:
+            res = lib.Result(job, JOBS[job][1])
+            for rep in range(args.repeats):
+                for spec in (a, b):
+                    s = measure(spec, target, job, args)
+                    res.samples.setdefault(spec.label, []).append(s)
+                    print(f"{job} run {rep + 1} {spec.label}: {s.value:,.0f} {res.unit}, "
+                          f"{s.cpu_per_io_us:.1f} µs CPU/IO", file=sys.stderr)
+            results.append(res)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(lib.markdown_table(results, a, b))
+
+
+if __name__ == "__main__":
+    main()

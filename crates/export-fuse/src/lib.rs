@@ -1,0 +1,27 @@
+//! The FUSE export: a block node served as a regular file mounted over an
+//! existing regular file (`--export type=fuse`), as qemu-storage-daemon does,
+//! but with many requests in flight.
+//!
+//! - [`FuseExport`]: mounts the file, runs the FUSE session, removes it.
+//! - [`ExportGone`]: resolves once a removed export has no request left (the
+//!   moment to emit `BLOCK_EXPORT_DELETED`).
+//!
+//! Threads: a few FUSE reader threads (one cloned `/dev/fuse` descriptor
+//! each) decode requests. Attribute requests are answered on the reader
+//! thread; every data request (read, write, flush, fallocate, lseek,
+//! truncate) becomes a task on the export's runtime (its I/O thread or the
+//! main loop) that owns its buffer and replies when the I/O completes, so
+//! the kernel can keep many requests in flight.
+#![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+mod error;
+mod export;
+mod fs;
+mod ops;
+mod state;
+
+pub use error::{Error, Result};
+pub use export::{
+    permissions, AllowOther, ExportGone, FuseExport, FuseExportOptions, DEFAULT_THREADS,
+};
