@@ -176,7 +176,20 @@ class QcowDaemon:
         return self.uri(name)
 
     def unexport(self, name: str) -> None:
-        self.mon.cmd("block-export-del", id=name)
+        # A client that has just exited may not have been seen to go yet
+        # (qemu and qsd both notice disconnects asynchronously): a safe
+        # block-export-del refuses with "still in use" until then.
+        import time
+
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.mon.cmd("block-export-del", id=name)
+                break
+            except QmpError as err:
+                if "still in use" not in err.desc or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         self.mon.event("BLOCK_EXPORT_DELETED")
 
     def delete(self, node: str) -> None:
@@ -602,3 +615,30 @@ def seed_from_env(default: int) -> int:
 
 def fail_with_seed(seed: int, msg: str) -> None:
     pytest.fail(f"{msg}\n(seed {seed}; rerun with QSD_TEST_SEED={seed})", pytrace=False)
+
+
+def wait_unlocked(path: Path, timeout: float = 20.0) -> None:
+    """Wait until no other process holds a lock on ``path``.
+
+    A daemon killed with SIGKILL can keep its image locked for a moment after
+    it has been reaped: files used by io_uring requests are closed by the
+    kernel asynchronously, when the ring is torn down. qemu-img and a new
+    daemon would then fail with 'Failed to get "write" lock'.
+    """
+    import fcntl
+    import time
+
+    deadline = time.monotonic() + timeout
+    with open(path, "rb+") as f:
+        while True:
+            try:
+                # A whole-file POSIX lock conflicts with any OFD or POSIX
+                # lock another process holds on the file.
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(f, fcntl.LOCK_UN)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{path} still locked {timeout}s after its daemon exited",
+                                pytrace=False)
+                time.sleep(0.02)

@@ -137,6 +137,7 @@ def test_kill_during_writes_keeps_image_consistent(round_, workdir, start_daemon
     time.sleep(rng.uniform(0, 0.01))
     d.signal(signal.SIGKILL)
     d.wait()
+    U.wait_unlocked(img)
     try:
         worker.wait(timeout=60)
     except subprocess.TimeoutExpired:
@@ -156,6 +157,7 @@ def test_kill_during_writes_keeps_image_consistent(round_, workdir, start_daemon
         args, qmp, nbd = daemon_args(img, workdir)
         d2 = start_daemon(args, wait_unix=[qmp, nbd], name="repair")
         d2.stop()
+        U.wait_unlocked(img)
         res = U.img_check(img)
         if res.rc != 0 or res.report.get("leaks", 0):
             U.fail_with_seed(seed, f"round {round_} (lazy refcounts, {last_done + 1} ops "

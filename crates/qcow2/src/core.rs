@@ -98,6 +98,11 @@ pub struct Qcow2 {
     pub(crate) info: Info,
     /// The header as opened (queries while `meta` is busy).
     pub(crate) header_copy: Header,
+    /// qemu's metadata preallocation heuristic: 0 not decided yet, 1 no,
+    /// 2 yes (see `Qcow2::status`).
+    pub(crate) prealloc: std::sync::atomic::AtomicU8,
+    /// The cipher of an encrypted image.
+    pub(crate) crypto: Option<crate::crypto::Crypto>,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -226,10 +231,18 @@ impl Qcow2 {
                 && entry & OFFSET_MASK & (self.cluster_size() - 1) != 0
             {
                 let host = entry & OFFSET_MASK;
+                let idx = c & (self.layout.l2_entries() - 1);
+                // qemu's message; C's "%#x" prints 0 as "0".
+                let idx = if idx == 0 {
+                    "0".to_string()
+                } else {
+                    format!("{idx:#x}")
+                };
                 return Err(self.fatal(
                     format!(
-                        "Cluster allocation offset {host:#x} unaligned (guest offset {:#x})",
-                        c << self.layout.cluster_bits
+                        "Cluster allocation offset {host:#x} unaligned (L2 offset: {:#x}, \
+                         L2 index: {idx})",
+                        l1e & OFFSET_MASK
                     ),
                     host,
                     self.cluster_size(),
@@ -320,19 +333,42 @@ impl Qcow2 {
     }
 
     /// Mark the image corrupt (header bit, event, no more writes) and
-    /// return the EIO error for the request.
+    /// return the EIO error for the request. As qemu, the event names no
+    /// offset and size here (only overlap checks give them, see
+    /// [`Qcow2::fatal_at`]); `offset` and `size` go to the log.
     pub(crate) fn fatal(&self, msg: String, offset: u64, size: u64) -> Error {
+        tracing::debug!(node = %self.node_name, offset, size, "qcow2 corruption");
+        self.corruption(msg, None)
+    }
+
+    /// Like [`Qcow2::fatal`], with the offending range in the event.
+    pub(crate) fn fatal_at(&self, msg: String, offset: u64, size: u64) -> Error {
+        self.corruption(msg, Some((offset, size)))
+    }
+
+    fn corruption(&self, msg: String, range: Option<(u64, u64)>) -> Error {
+        let mut ev = json!({"device": "", "node-name": self.node_name, "msg": msg});
+        if let Some((offset, size)) = range {
+            ev["offset"] = offset.into();
+            ev["size"] = size.into();
+        }
+        if self.read_only {
+            // qemu: corruption found in a read-only image is not fatal;
+            // the image is not marked and every hit is reported.
+            ev["fatal"] = false.into();
+            tracing::warn!(node = %self.node_name, "qcow2: {msg}");
+            self.events.emit("BLOCK_IMAGE_CORRUPTED", ev);
+            return Error::new(
+                ErrorKind::Corrupt,
+                format!("Image '{}' is corrupt: {msg}", self.node_name),
+            );
+        }
+        ev["fatal"] = true.into();
         let first = !self.corrupt.swap(true, Ordering::AcqRel);
         if first {
             tracing::error!(node = %self.node_name, "qcow2: {msg}; image marked corrupt");
-            self.events.emit(
-                "BLOCK_IMAGE_CORRUPTED",
-                json!({"device": "", "node-name": self.node_name, "msg": msg,
-                       "offset": offset, "size": size, "fatal": true}),
-            );
-            if !self.read_only {
-                self.spawn_mark_corrupt();
-            }
+            self.events.emit("BLOCK_IMAGE_CORRUPTED", ev);
+            self.spawn_mark_corrupt();
         }
         Error::new(
             ErrorKind::Corrupt,
@@ -372,10 +408,19 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// The external data file is kept a raw image of the guest data.
+    pub(crate) fn data_file_raw(&self) -> bool {
+        self.data_file.is_some()
+            && self.header_copy.autoclear & crate::header::autoclear::DATA_FILE_RAW != 0
+    }
+
     /// Is entry (entry, bm) a cluster we may write in place (refcount 1)?
     pub(crate) fn own_host(&self, entry: u64) -> Option<u64> {
         let host = entry & OFFSET_MASK;
-        if entry & crate::entries::COMPRESSED != 0 || host == 0 {
+        // Offset 0 is a valid data file cluster when the copied flag says
+        // it is allocated (qemu's rule for external data files).
+        let at_zero_ok = self.data_file.is_some() && entry & COPIED != 0;
+        if entry & crate::entries::COMPRESSED != 0 || (host == 0 && !at_zero_ok) {
             return None;
         }
         (entry & COPIED != 0 || self.data_file.is_some()).then_some(host)

@@ -22,7 +22,8 @@ impl BlockDriver for Qcow2 {
 
     fn limits(&self) -> Limits {
         Limits {
-            request_alignment: 1,
+            // Encryption works on whole 512-byte sectors.
+            request_alignment: if self.crypto.is_some() { 512 } else { 1 },
             max_transfer: 0,
             opt_transfer: 0,
         }
@@ -87,7 +88,7 @@ impl BlockDriver for Qcow2 {
             format_specific: Some(self.format_specific(&h)),
             backing_filename: h.backing_file.clone(),
             backing_format: h.backing_format.clone(),
-            encrypted: false,
+            encrypted: self.crypto.is_some(),
             snapshots: self.info.snapshots.clone(),
         }
     }
@@ -132,6 +133,9 @@ impl Qcow2 {
             }
         }
         d.insert("refcount-bits".into(), (1u64 << self.refcount_order).into());
+        if let Some(c) = &self.crypto {
+            d.insert("encrypt".into(), c.info.clone());
+        }
         if v3 {
             if let Some(f) = &self.info.data_file_name {
                 d.insert("data-file".into(), f.clone().into());
@@ -168,6 +172,11 @@ impl Qcow2 {
         if self.data_file.is_some() {
             return Err(Error::unsupported(
                 "Compression is not supported with an external data file",
+            ));
+        }
+        if self.crypto.is_some() {
+            return Err(Error::unsupported(
+                "Compression and encryption not supported at the same time",
             ));
         }
         let mut full = vec![0u8; cs as usize];

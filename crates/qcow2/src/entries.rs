@@ -29,6 +29,9 @@ pub struct Layout {
     pub extended: bool,
     /// v3 images have the standard zero flag.
     pub zero_flag: bool,
+    /// Data lives in an external data file, where host offset 0 is valid:
+    /// an entry with offset 0 and the copied flag is allocated there.
+    pub data_file: bool,
 }
 
 impl Layout {
@@ -68,7 +71,7 @@ impl Layout {
         if !self.extended && self.zero_flag && entry & ZERO != 0 {
             return Mapping::Zero { host };
         }
-        if host == 0 {
+        if host == 0 && !(self.data_file && entry & COPIED != 0) {
             return Mapping::Unallocated;
         }
         Mapping::Normal {
@@ -168,6 +171,7 @@ mod tests {
         cluster_bits: 16,
         extended: false,
         zero_flag: true,
+        data_file: false,
     };
 
     #[test]
@@ -193,6 +197,23 @@ mod tests {
                 copied: false
             }
         );
+    }
+
+    #[test]
+    fn test_l2_offset_zero_in_data_file_is_allocated_when_copied() {
+        let df = Layout {
+            data_file: true,
+            ..STD
+        };
+        assert_eq!(
+            df.decode(COPIED),
+            Mapping::Normal {
+                host: 0,
+                copied: true
+            }
+        );
+        assert_eq!(df.decode(0), Mapping::Unallocated);
+        assert_eq!(STD.decode(COPIED), Mapping::Unallocated);
     }
 
     #[test]

@@ -125,7 +125,7 @@ pub struct Header {
     pub features: Vec<FeatureName>,
     pub bitmaps: Option<BitmapsExt>,
     pub data_file: Option<String>,
-    pub crypto_ext: bool,
+    pub crypto_ext: Option<(u64, u64)>,
     /// Extensions we do not interpret, kept verbatim (type, data).
     pub unknown_ext: Vec<(u32, Vec<u8>)>,
 }
@@ -274,7 +274,15 @@ impl Header {
                     directory_offset: be64(data, 16),
                 });
             }
-            ext::CRYPTO => self.crypto_ext = true,
+            ext::CRYPTO => {
+                if data.len() != 16 {
+                    return Err(corrupt(format!(
+                        "CRYPTO header extension size {}, but expected size 16",
+                        data.len()
+                    )));
+                }
+                self.crypto_ext = Some((be64(data, 0), be64(data, 8)));
+            }
             ext::DATA_FILE => {
                 self.data_file = Some(String::from_utf8_lossy(data).into_owned());
             }

@@ -12,6 +12,7 @@ mod codec;
 #[allow(dead_code)]
 mod compress;
 mod core;
+mod crypto;
 mod driver;
 mod entries;
 mod header;

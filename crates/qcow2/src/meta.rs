@@ -48,6 +48,19 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// The refcount of cluster `c` (0 where no refcount block covers it).
+    pub(crate) async fn refcount_of(&self, m: &mut Meta, c: u64) -> Result<u64> {
+        let off = self.rc_block_of(m, c);
+        if off == 0 {
+            return Ok(0);
+        }
+        self.load_rc(m, off).await?;
+        let i = (c & ((1 << self.rc_entries_bits()) - 1)) as usize;
+        Ok(m.rc
+            .get(off)
+            .map_or(0, |b| get_refcount(b, self.refcount_order, i)))
+    }
+
     /// Add `delta` to the refcount of cluster `c`. The block must exist
     /// (the allocator creates blocks before it hands out clusters).
     pub(crate) async fn add_refcount(&self, m: &mut Meta, c: u64, delta: i64) -> Result<u64> {

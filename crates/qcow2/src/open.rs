@@ -31,18 +31,13 @@ async fn read_vec(node: &NodeRef, off: u64, len: u64) -> Result<Vec<u8>> {
 }
 
 /// Read the header and extensions, and check what qemu checks.
-async fn read_header(file: &NodeRef, node_name: &str) -> Result<Header> {
+async fn read_header(file: &NodeRef) -> Result<Header> {
     let flen = file.len();
     let head = read_vec(file, 0, flen.min(112)).await?;
     let mut h = Header::parse_fixed(&head)?;
     let cs = h.cluster_size();
     let cluster = read_vec(file, 0, flen.min(cs)).await?;
     h.parse_extensions(&cluster)?;
-    if h.crypt_method != 0 || h.crypto_ext {
-        return Err(Error::unsupported(format!(
-            "Image '{node_name}' is encrypted; qsd does not support encrypted qcow2 images yet (TODO(#4))"
-        )));
-    }
     if let Some(msg) = h.unsupported_features() {
         return Err(Error::unsupported(msg));
     }
@@ -265,11 +260,6 @@ pub(crate) async fn open(ctx: &mut OpenCtx<'_>, mut opts: Map<String, Value>) ->
     };
     let o: Qcow2Opts = ctx.parse(opts)?;
     let name = ctx.node_name().to_string();
-    if o.encrypt.is_some() {
-        return Err(Error::unsupported(format!(
-            "Image '{name}': qsd does not support encrypted qcow2 images yet (TODO(#4))"
-        )));
-    }
     let overlap = overlap_mask(o.overlap_check.as_ref())?;
     check_accepted(&o)?;
     let read_only = ctx.options().read_only;
@@ -279,8 +269,9 @@ pub(crate) async fn open(ctx: &mut OpenCtx<'_>, mut opts: Map<String, Value>) ->
     };
     let (perm, shared) = storage_perms(Perm::NONE, Perm::ALL, read_only);
     let file_user = file.add_user(desc("file"), perm, shared)?;
-    let mut h = read_header(&file, &name).await?;
+    let mut h = read_header(&file).await?;
     let compression = check_open_mode(&h, &o, read_only)?;
+    let crypto = crate::crypto::open_crypto(ctx, &file, &h, o.encrypt.as_ref(), &name).await?;
     let (data_file, data_user) =
         open_data_file(ctx, &file, &h, kids.data_file, &desc("data-file")).await?;
     let (backing, backing_user) = open_backing(ctx, &file, &h, kids.backing, &name).await?;
@@ -292,6 +283,7 @@ pub(crate) async fn open(ctx: &mut OpenCtx<'_>, mut opts: Map<String, Value>) ->
         cluster_bits: h.cluster_bits,
         extended: h.incompatible & incompat::EXTENDED_L2 != 0,
         zero_flag: h.version >= 3,
+        data_file: h.incompatible & incompat::DATA_FILE != 0,
     };
     let cs = h.cluster_size();
     let (l2_bytes, rc_bytes) = cache_sizes(&o, h.size, cs, layout.l2_entry_bytes())?;
@@ -346,6 +338,8 @@ pub(crate) async fn open(ctx: &mut OpenCtx<'_>, mut opts: Map<String, Value>) ->
         discard_no_unref: o.discard_no_unref.unwrap_or(false),
         info: t.info,
         header_copy: h,
+        prealloc: std::sync::atomic::AtomicU8::new(0),
+        crypto,
         file,
     };
     if !read_only && q.header_copy.incompatible & incompat::DIRTY != 0 {

@@ -60,7 +60,7 @@ impl Qcow2 {
         }
         match hit {
             None => Ok(()),
-            Some(what) => Err(self.fatal(
+            Some(what) => Err(self.fatal_at(
                 format!("Preventing invalid write on metadata (overlaps with {what})"),
                 off,
                 len,

@@ -52,7 +52,13 @@ impl Qcow2 {
                 buf.zero();
                 Ok(buf)
             }
-            Mapping::Normal { host, .. } => self.data_node().read(host, buf).await,
+            Mapping::Normal { host, .. } => {
+                let mut buf = self.data_node().read(host, buf).await?;
+                if let Some(c) = &self.crypto {
+                    c.decrypt(host, at, &mut buf)?;
+                }
+                Ok(buf)
+            }
             Mapping::Compressed { host, len } => {
                 let cluster = self.read_compressed(host, len).await?;
                 let within = (at & (self.cluster_size() - 1)) as usize;
@@ -129,9 +135,74 @@ impl Qcow2 {
         };
         Ok(match ext.mapping {
             Mapping::Zero { .. } => own(false, true),
-            Mapping::Normal { .. } | Mapping::Compressed { .. } => own(true, false),
+            Mapping::Compressed { .. } => own(true, false),
+            // With encryption qemu gives no host offset, so no merge.
+            Mapping::Normal { host, .. }
+                if self.crypto.is_none() && self.metadata_preallocated().await? =>
+            {
+                self.merge_file_status(own(true, false), host).await?
+            }
+            Mapping::Normal { .. } => own(true, false),
             Mapping::Unallocated => self.backing_status(offset, ext.len).await?,
         })
+    }
+
+    /// qemu's generic block layer on a data range at a known host offset
+    /// of an image with metadata preallocation: the protocol layer's zero
+    /// flag is ORed in and the length clamped to its extent; a range that
+    /// starts past the end of the file, or a zero extent that reaches it,
+    /// reads as zeroes throughout.
+    async fn merge_file_status(&self, mut st: BlockStatus, host: u64) -> Result<BlockStatus> {
+        let node = self.data_node();
+        let flen = node.len();
+        if host >= flen {
+            st.zero = true;
+            return Ok(st);
+        }
+        let fs = node.block_status(host, st.len.min(flen - host)).await?;
+        let flen_now = node.len();
+        if fs.zero && host + fs.len >= flen_now {
+            st.zero = true;
+        } else {
+            st.len = fs.len.clamp(1, st.len);
+            st.zero |= fs.zero;
+        }
+        Ok(st)
+    }
+
+    /// qemu's metadata preallocation heuristic, decided on the first
+    /// status query: clearly more clusters have a refcount than the image
+    /// file has allocated (`MAX(real * 10 / 9, real + 2)` of them). Only
+    /// then do status queries look at the file below.
+    async fn metadata_preallocated(&self) -> Result<bool> {
+        use std::sync::atomic::Ordering;
+        match self.prealloc.load(Ordering::Acquire) {
+            1 => return Ok(false),
+            2 => return Ok(true),
+            _ => {}
+        }
+        let Some(real) = self.file.driver().image_info().actual_size else {
+            self.prealloc.store(1, Ordering::Release);
+            return Ok(false);
+        };
+        let real_clusters = real >> self.cluster_bits();
+        let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+        let end = self.file.len().div_ceil(self.cluster_size());
+        let mut count = 0;
+        {
+            let mut m = self.meta.lock().await;
+            let mut c = 0;
+            while c < end && count < threshold {
+                if self.refcount_of(&mut m, c).await? != 0 {
+                    count += 1;
+                }
+                c += 1;
+            }
+        }
+        let yes = count >= threshold;
+        self.prealloc
+            .store(if yes { 2 } else { 1 }, Ordering::Release);
+        Ok(yes)
     }
 
     async fn backing_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {

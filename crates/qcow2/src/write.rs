@@ -95,11 +95,28 @@ impl Qcow2 {
             let ext = self.extent(offset, len).await?;
             if let Mapping::Normal { host, copied } = ext.mapping {
                 if ext.len == len && (copied || self.data_file.is_some()) {
-                    return self.data_node().write(host, buf, flags).await;
+                    return self.write_data(host, offset, buf, flags).await;
                 }
             }
         }
         self.write_slow(offset, buf, flags).await
+    }
+
+    /// Write guest data at `host`: as is, or an encrypted copy.
+    async fn write_data(
+        &self,
+        host: u64,
+        guest: u64,
+        buf: IoBuf,
+        flags: WriteFlags,
+    ) -> Result<IoBuf> {
+        let Some(c) = &self.crypto else {
+            return self.data_node().write(host, buf, flags).await;
+        };
+        let mut bounce = IoBuf::from_slice(&buf);
+        c.encrypt(host, guest, &mut bounce)?;
+        self.data_node().write(host, bounce, flags).await?;
+        Ok(buf)
     }
 
     async fn write_slow(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
@@ -217,10 +234,18 @@ impl Qcow2 {
             None => {
                 let mut m = self.meta.lock().await;
                 let h = self.alloc_data(&mut m, p0.c, n).await?;
-                self.check_overlap(&m, h + (gs - cl0), ge - gs, 0)?;
+                // Data in an external data file cannot hit metadata.
+                if self.data_file.is_none() {
+                    self.check_overlap(&m, h + (gs - cl0), ge - gs, 0)?;
+                }
                 h
             }
         };
+        if let Some(c) = &self.crypto {
+            // COW data was read as plaintext: it is encrypted for its new
+            // place (the IV follows the host offset).
+            c.encrypt(base + (gs - cl0), gs, &mut big)?;
+        }
         let res = self
             .data_node()
             .write(base + (gs - cl0), big, WriteFlags::default())

@@ -45,18 +45,23 @@ impl Qcow2 {
     pub(crate) async fn zero_guest(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.check_not_corrupt()?;
         self.check_range(offset, len)?;
+        if self.data_file_raw() {
+            // The raw data file must read as the image does (qemu zeroes
+            // it first too).
+            self.data_node().write_zeroes(offset, len, flags).await?;
+        }
         if !self.layout.zero_flag && !self.layout.extended {
             return self.zero_v2(offset, len).await;
         }
         let cb = self.cluster_bits();
         let (first, end) = self.whole_clusters(offset, len);
         if first >= end {
-            return self.write_zero_buf(offset, len).await;
+            return self.zero_partial(offset, len).await;
         }
         let head_end = first << cb;
         let tail_start = (end << cb).min(offset + len);
         if head_end > offset {
-            self.write_zero_buf(offset, head_end - offset).await?;
+            self.zero_partial(offset, head_end - offset).await?;
         }
         self.map_clusters(
             first,
@@ -67,7 +72,7 @@ impl Qcow2 {
         )
         .await?;
         if offset + len > tail_start {
-            self.write_zero_buf(tail_start, offset + len - tail_start)
+            self.zero_partial(tail_start, offset + len - tail_start)
                 .await?;
         }
         if flags.fua {
@@ -95,6 +100,71 @@ impl Qcow2 {
         Err(Error::unsupported(
             "write-zeroes needs a compat=1.1 (v3) qcow2 image",
         ))
+    }
+
+    /// Zero part of one cluster: with extended L2 entries the whole
+    /// subclusters in it get their zero bits (as qemu), the rest is
+    /// written as zero buffers.
+    async fn zero_partial(&self, offset: u64, len: u64) -> Result<()> {
+        if !self.layout.extended {
+            return self.write_zero_buf(offset, len).await;
+        }
+        let cs = self.cluster_size();
+        let mut at = offset;
+        while at < offset + len {
+            let stop = (offset + len).min((at / cs + 1) * cs);
+            self.zero_in_cluster(at, stop - at).await?;
+            at = stop;
+        }
+        Ok(())
+    }
+
+    async fn zero_in_cluster(&self, offset: u64, len: u64) -> Result<()> {
+        let sb = self.layout.subcluster_bits();
+        let size = self.size.load(std::sync::atomic::Ordering::Acquire);
+        let end = offset + len;
+        let s0 = offset.div_ceil(1 << sb);
+        // The image's last partial subcluster counts as whole.
+        let s1 = if end == size {
+            end.div_ceil(1 << sb)
+        } else {
+            end >> sb
+        };
+        if s0 >= s1 {
+            return self.write_zero_buf(offset, len).await;
+        }
+        let (zs, ze) = ((s0 << sb).max(offset), (s1 << sb).min(end));
+        if zs > offset {
+            self.write_zero_buf(offset, zs - offset).await?;
+        }
+        if !self.zero_subclusters(s0, s1).await? {
+            self.write_zero_buf(zs, ze - zs).await?;
+        }
+        if end > ze {
+            self.write_zero_buf(ze, end - ze).await?;
+        }
+        Ok(())
+    }
+
+    /// Set the zero bits (and clear the allocation bits) of subclusters
+    /// `s0..s1` of one cluster; false when the cluster is compressed.
+    async fn zero_subclusters(&self, s0: u64, s1: u64) -> Result<bool> {
+        let per = 5;
+        let c = s0 >> per;
+        let (i0, i1) = (s0 - (c << per), s1 - (c << per));
+        let mask = ((1u64 << i1) - 1) & !((1u64 << i0) - 1);
+        let _claim = self.claim(c, c + 1).await;
+        let mut m = self.meta.lock().await;
+        let (entry, bm) = self.entry_async(c).await?;
+        if entry & crate::entries::COMPRESSED != 0 {
+            return Ok(false);
+        }
+        let nbm = (bm | (mask << 32)) & !mask;
+        if nbm != bm {
+            self.set_l2(&mut m, c, entry, nbm, false).await?;
+            self.maybe_writeback(&mut m).await?;
+        }
+        Ok(true)
     }
 
     async fn write_zero_buf(&self, offset: u64, len: u64) -> Result<()> {
