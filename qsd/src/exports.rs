@@ -1,6 +1,6 @@
 //! Exports: the NBD server and the table of exports behind
 //! `--nbd-server`, `--export`, `block-export-*` and `nbd-server-*`; FUSE
-//! exports live in the same table.
+//! and vhost-user-blk exports live in the same table.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,10 +10,11 @@ use anyhow::{anyhow, bail, Result};
 use qsd_block::{BlockBackend, NodeRef, Perm};
 use qsd_export_fuse::{AllowOther, FuseExport, FuseExportOptions};
 use qsd_export_nbd::{ExportOptions, ListenAddr, NbdExport, NbdServer, RemoveMode, ServerOptions};
+use qsd_export_vhost_user_blk::{VhostAddr, VhostBlkOptions, VhostUserBlkExport};
 use qsd_qapi::options::{
     BlockExportDelArgs, BlockExportKind, BlockExportOptions, BlockExportOptionsFuse,
-    BlockExportRemoveMode, FuseExportAllowOther, NbdServerAddArgs, NbdServerOptions,
-    NbdServerRemoveArgs, NbdServerStartArgs, SocketAddress,
+    BlockExportOptionsVhostUserBlk, BlockExportRemoveMode, FuseExportAllowOther, NbdServerAddArgs,
+    NbdServerOptions, NbdServerRemoveArgs, NbdServerStartArgs, SocketAddress,
 };
 use qsd_qapi::{InputMode, Raw};
 use qsd_qmp::QmpError;
@@ -27,6 +28,8 @@ use crate::daemon::Daemon;
 enum Kind {
     Nbd(Arc<NbdExport>),
     Fuse(Arc<FuseExport>),
+    /// The export and its backend (for statistics); `None` once stopped.
+    VhostUserBlk(Option<(VhostUserBlkExport, BlockBackend)>),
 }
 
 /// One export in the table.
@@ -42,7 +45,7 @@ impl Entry {
     fn nbd(&self) -> Option<&Arc<NbdExport>> {
         match &self.kind {
             Kind::Nbd(e) => Some(e),
-            Kind::Fuse(_) => None,
+            Kind::Fuse(_) | Kind::VhostUserBlk(_) => None,
         }
     }
 
@@ -50,6 +53,7 @@ impl Entry {
         match &self.kind {
             Kind::Nbd(e) => e.is_removed(),
             Kind::Fuse(e) => e.is_removed(),
+            Kind::VhostUserBlk(v) => v.is_none(),
         }
     }
 
@@ -57,6 +61,7 @@ impl Entry {
         match &self.kind {
             Kind::Nbd(_) => "nbd",
             Kind::Fuse(_) => "fuse",
+            Kind::VhostUserBlk(_) => "vhost-user-blk",
         }
     }
 
@@ -69,6 +74,7 @@ impl Entry {
         match &self.kind {
             Kind::Nbd(e) => Some(json(e.backend().stats())),
             Kind::Fuse(e) => e.backend().map(|b| json(b.stats())),
+            Kind::VhostUserBlk(v) => v.as_ref().map(|(_, b)| json(b.stats())),
         }
     }
 }
@@ -242,9 +248,7 @@ pub async fn add(d: &Daemon, opts: Map<String, Value>, mode: InputMode) -> Resul
     let nbd = match &o.kind {
         BlockExportKind::Nbd(n) => n.clone(),
         BlockExportKind::Fuse(f) => return add_fuse(d, &o, f).await,
-        BlockExportKind::VhostUserBlk(_) => {
-            bail!("export type 'vhost-user-blk' is not supported by qsd yet")
-        }
+        BlockExportKind::VhostUserBlk(v) => return add_vhost_user_blk(d, &o, v).await,
         BlockExportKind::VduseBlk(_) => bail!("export type 'vduse-blk' is not supported by qsd"),
     };
     if nbd.bitmaps.as_ref().is_some_and(|b| !b.is_empty()) {
@@ -326,7 +330,7 @@ async fn add_fuse(d: &Daemon, o: &BlockExportOptions, f: &BlockExportOptionsFuse
     };
     let mounted_there = |e: &Entry| match &e.kind {
         Kind::Fuse(x) => !x.is_removed() && x.is_mounted_at(&f.mountpoint),
-        Kind::Nbd(_) => false,
+        Kind::Nbd(_) | Kind::VhostUserBlk(_) => false,
     };
     if ex.list.iter().any(mounted_there) {
         bail!("There already is a FUSE export on '{}'", f.mountpoint);
@@ -362,6 +366,71 @@ async fn add_fuse(d: &Daemon, o: &BlockExportOptions, f: &BlockExportOptionsFuse
     Ok(())
 }
 
+/// The listening socket of a vhost-user-blk export.
+fn vhost_addr(addr: &SocketAddress) -> Result<VhostAddr> {
+    match listen_addr(addr.clone())? {
+        ListenAddr::Unix(path) => Ok(VhostAddr::Path(path)),
+        ListenAddr::Fd(fd) => Ok(VhostAddr::Fd(fd)),
+        ListenAddr::Inet { .. } => {
+            bail!("vhost-user-blk exports need a unix socket (addr.type=unix or fd)")
+        }
+    }
+}
+
+/// `block-export-add type=vhost-user-blk`: serve the node to a VM. The
+/// common checks and their wording are the NBD path's.
+async fn add_vhost_user_blk(
+    d: &Daemon,
+    o: &BlockExportOptions,
+    v: &BlockExportOptionsVhostUserBlk,
+) -> Result<()> {
+    let mut ex = d.exports.lock().await;
+    if ex.list.iter().any(|e| e.id == o.id) {
+        bail!("Block export id '{}' is already in use", o.id);
+    }
+    let node = d.graph.lock().await.lookup(&o.node_name)?;
+    let writable = o.writable.unwrap_or(false);
+    if writable && node.is_read_only() {
+        bail!("Cannot export read-only node as writable");
+    }
+    let io = match &o.iothread {
+        Some(id) => d
+            .iothreads()
+            .handle(id)
+            .ok_or_else(|| anyhow!("iothread \"{id}\" not found"))?,
+        None => tokio::runtime::Handle::current(),
+    };
+    let mut opts = VhostBlkOptions::new(o.id.clone(), vhost_addr(&v.addr)?);
+    opts.writable = writable;
+    opts.writethrough = o.writethrough.unwrap_or(false);
+    if let Some(size) = v.logical_block_size {
+        opts.logical_block_size = u32::try_from(size.0)
+            .map_err(|_| anyhow!("logical-block-size must be a power of 2 from 512 to 32768"))?;
+    }
+    if let Some(n) = v.num_queues {
+        opts.num_queues = n;
+    }
+    let perm = if writable {
+        Perm::CONSISTENT_READ | Perm::WRITE
+    } else {
+        Perm::CONSISTENT_READ
+    };
+    let backend = BlockBackend::new(
+        node,
+        "an unnamed block device",
+        perm,
+        Perm::ALL & !Perm::RESIZE,
+    )?;
+    let export = VhostUserBlkExport::start(opts, backend.clone(), io)?;
+    ex.list.push(Entry {
+        id: o.id.clone(),
+        node_name: o.node_name.clone(),
+        iothread: o.iothread.clone(),
+        kind: Kind::VhostUserBlk(Some((export, backend))),
+    });
+    Ok(())
+}
+
 /// `block-export-add`.
 pub async fn qmp_block_export_add(
     d: &Arc<Daemon>,
@@ -388,6 +457,14 @@ async fn remove(d: &Arc<Daemon>, id: &str, mode: RemoveMode) -> Result<()> {
     }
     let nbd = match &e.kind {
         Kind::Nbd(n) => n,
+        Kind::VhostUserBlk(_) => {
+            // The front-end is disconnected and requests in flight complete
+            // before the export stops (both removal modes).
+            drop(ex);
+            stop_vhost(d, id).await;
+            forget(d, id).await;
+            return Ok(());
+        }
         Kind::Fuse(f) => {
             // Like qemu: open files do not hold a FUSE export, both modes
             // unmount at once; the event follows when no request is left.
@@ -474,6 +551,24 @@ pub async fn qmp_nbd_server_remove(
     Ok(json!({}))
 }
 
+/// Stop the vhost-user-blk export `id` (waiting for its requests) and mark
+/// it removed.
+async fn stop_vhost(d: &Daemon, id: &str) {
+    let export = {
+        let mut ex = d.exports.lock().await;
+        ex.list
+            .iter_mut()
+            .find(|e| e.id == id)
+            .and_then(|e| match &mut e.kind {
+                Kind::VhostUserBlk(v) => v.take(),
+                _ => None,
+            })
+    };
+    if let Some((export, _backend)) = export {
+        export.stop_async().await;
+    }
+}
+
 /// Daemon shutdown: stop the server, disconnect clients (requests in flight
 /// complete first), and wait — bounded — until every export is gone.
 pub async fn shutdown(d: &Arc<Daemon>) {
@@ -490,6 +585,16 @@ pub async fn shutdown(d: &Arc<Daemon>) {
                     .map(|e| (e.id.clone(), Box::pin(gone.wait()) as Gone))
             })
             .collect();
+        // vhost-user-blk exports: disconnect the front-ends (below).
+        let vhost: Vec<String> = ex
+            .list
+            .iter()
+            .filter(|e| matches!(e.kind, Kind::VhostUserBlk(Some(_))))
+            .map(|e| e.id.clone())
+            .collect();
+        for id in vhost {
+            ids.push((id, Box::pin(std::future::ready(()))));
+        }
         // FUSE exports: unmount now (a hard removal).
         for e in &ex.list {
             if let Kind::Fuse(f) = &e.kind {
@@ -501,6 +606,7 @@ pub async fn shutdown(d: &Arc<Daemon>) {
         ids
     };
     for (id, gone) in removed {
+        stop_vhost(d, &id).await;
         if tokio::time::timeout(Duration::from_secs(10), gone)
             .await
             .is_err()

@@ -1,0 +1,503 @@
+//! One front-end connection's device: the `VhostUserBackend` the rust-vmm
+//! daemon drives. Vring worker threads pop descriptor chains; each request
+//! then runs as a task on the export's runtime and completes the vring itself.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::config::{self, ConfigInputs};
+use crate::request::{execute, Chain};
+use crate::Shared;
+
+pub(crate) type Mem = GuestMemoryMmap<()>;
+pub(crate) type Gm = GuestMemoryAtomic<Mem>;
+pub(crate) type Vring = VringRwLock<Gm>;
+
+/// How long GET_VRING_BASE or a disconnect waits for requests in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Requests of one queue that were popped but not yet completed.
+#[derive(Debug, Default)]
+pub(crate) struct Inflight {
+    count: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl Inflight {
+    fn begin(&self) {
+        *self.count.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+    }
+
+    fn end(&self) {
+        let mut n = self.count.lock().unwrap_or_else(PoisonError::into_inner);
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    /// Wait until nothing is in flight; false on timeout.
+    pub(crate) fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut n = self.count.lock().unwrap_or_else(PoisonError::into_inner);
+        while *n > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            n = self
+                .idle
+                .wait_timeout(n, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+}
+
+type Popped = (Arc<Mem>, Vec<DescriptorChain<Arc<Mem>>>);
+
+/// Pop the chains the driver has made available, with a memory map that
+/// covers them: the map is taken after reading the avail index, and only
+/// the chains published by then are popped. (A front-end adds a memory
+/// region, which the backend crate applies to `gm` in place before acking,
+/// before it publishes requests that use it.)
+fn pop_available(vring: &Vring, gm: &Gm) -> io::Result<Popped> {
+    let mut st = vring.get_mut();
+    let q = st.get_queue_mut();
+    let avail = q
+        .avail_idx(&*gm.memory(), Ordering::Acquire)
+        .map_err(queue_err)?;
+    let n = (avail - std::num::Wrapping(q.next_avail())).0;
+    let mem = gm.memory().into_inner();
+    let chains = (0..n)
+        .map_while(|_| q.pop_descriptor_chain(Arc::clone(&mem)))
+        .collect();
+    Ok((mem, chains))
+}
+
+/// Per-queue state, shared with the tasks on the queue's runtime.
+pub(crate) struct QueueCtx {
+    shared: Arc<Shared>,
+    rt: tokio::runtime::Handle,
+    inflight: Inflight,
+    event_idx: AtomicBool,
+    /// A pass over the avail ring is queued on the runtime.
+    poll_scheduled: AtomicBool,
+    /// A used-ring notification is queued on the runtime.
+    signal_pending: AtomicBool,
+}
+
+fn queue_err(e: virtio_queue::Error) -> io::Error {
+    io::Error::other(format!("virtqueue: {e}"))
+}
+
+impl QueueCtx {
+    /// Pop every available chain and start its request. Runs on the
+    /// queue's runtime, so requests start and complete without crossing
+    /// threads.
+    pub(crate) fn process(self: &Arc<Self>, vring: &Vring, gm: &Gm) -> io::Result<()> {
+        loop {
+            let event_idx = self.event_idx.load(Ordering::Acquire);
+            if event_idx {
+                vring.disable_notification().map_err(queue_err)?;
+            }
+            let (mem, chains) = pop_available(vring, gm)?;
+            for c in chains {
+                self.submit(vring, Arc::clone(&mem), c);
+            }
+            if !event_idx || !vring.enable_notification().map_err(queue_err)? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn submit(self: &Arc<Self>, vring: &Vring, mem: Arc<Mem>, chain: DescriptorChain<Arc<Mem>>) {
+        let head = chain.head_index();
+        self.inflight.begin();
+        let parsed = match Chain::from_descriptors(chain) {
+            Ok(c) => c,
+            Err(e) => {
+                // No usable status byte: return the buffer with nothing written.
+                tracing::warn!(export = %self.shared.id, "bad virtio-blk descriptor chain: {e:?}");
+                self.complete(vring, head, 0);
+                self.inflight.end();
+                return;
+            }
+        };
+        let q = Arc::clone(self);
+        let vring = vring.clone();
+        self.rt.spawn(async move {
+            let writeback = q.shared.writeback.load(Ordering::Relaxed);
+            let (status, n) = execute(&q.shared.ctx, &*mem, &parsed, writeback).await;
+            let used = match parsed.status_addr() {
+                Some(a) if mem.write_obj(status, a).is_ok() => n.saturating_add(1),
+                _ => 0,
+            };
+            q.complete(&vring, head, used);
+            q.inflight.end();
+        });
+    }
+
+    /// Put a chain on the used ring; the driver is notified once for all
+    /// the requests that complete in the same runtime tick.
+    fn complete(self: &Arc<Self>, vring: &Vring, head: u16, len: u32) {
+        if let Err(e) = vring.add_used(head, len) {
+            tracing::warn!(export = %self.shared.id, "vhost-user-blk: cannot complete request: {e}");
+            return;
+        }
+        if self.signal_pending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.inflight.begin();
+        let q = Arc::clone(self);
+        let vring = vring.clone();
+        self.rt.spawn(async move {
+            tokio::task::yield_now().await;
+            // Cleared before signalling: a completion after this point
+            // queues its own notification.
+            q.signal_pending.store(false, Ordering::Release);
+            if vring.needs_notification().unwrap_or(true) {
+                if let Err(e) = vring.signal_used_queue() {
+                    tracing::debug!("vhost-user-blk: signal failed: {e}");
+                }
+            }
+            q.inflight.end();
+        });
+    }
+}
+
+/// The per-connection device state.
+pub(crate) struct BlkDevice {
+    shared: Arc<Shared>,
+    mem: Mutex<Option<Gm>>,
+    queues: Vec<Arc<QueueCtx>>,
+}
+
+impl std::fmt::Debug for BlkDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlkDevice")
+            .field("export", &self.shared.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BlkDevice {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        let queues = (0..usize::from(shared.num_queues))
+            .map(|i| {
+                Arc::new(QueueCtx {
+                    shared: Arc::clone(&shared),
+                    rt: shared.rts[i % shared.rts.len()].clone(),
+                    inflight: Inflight::default(),
+                    event_idx: AtomicBool::new(false),
+                    poll_scheduled: AtomicBool::new(false),
+                    signal_pending: AtomicBool::new(false),
+                })
+            })
+            .collect();
+        BlkDevice {
+            shared,
+            mem: Mutex::new(None),
+            queues,
+        }
+    }
+
+    /// Wait for every queue's requests; false if some did not finish in time.
+    pub(crate) fn drain(&self) -> bool {
+        self.queues
+            .iter()
+            .all(|q| q.inflight.wait_idle(DRAIN_TIMEOUT))
+    }
+
+    /// A kick: queue one pass over the ring on the queue's runtime.
+    fn kick(&self, q: &Arc<QueueCtx>, vring: &Vring) {
+        let Some(gm) = self
+            .mem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        else {
+            return;
+        };
+        if q.poll_scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        q.inflight.begin();
+        let q2 = Arc::clone(q);
+        let vring = vring.clone();
+        q.rt.spawn(async move {
+            q2.poll_scheduled.store(false, Ordering::Release);
+            if let Err(e) = q2.process(&vring, &gm) {
+                tracing::warn!(export = %q2.shared.id, "vhost-user-blk: queue error: {e}");
+            }
+            q2.inflight.end();
+        });
+    }
+}
+
+impl VhostUserBackend for BlkDevice {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.shared.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        config::MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        config::features(self.shared.ctx.writable)
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // TODO(#6): INFLIGHT_SHMFD (resubmission after a daemon restart) and
+        // BACKEND_REQ (config-change notification) need message handling the
+        // rust-vmm backend crate does not have.
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        for q in &self.queues {
+            q.event_idx.store(enabled, Ordering::Release);
+        }
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let space = config::config_space(&ConfigInputs {
+            capacity_bytes: self.shared.ctx.backend.len(),
+            blk_size: self.shared.ctx.blk_size,
+            num_queues: self.shared.num_queues,
+            writeback: self.shared.writeback.load(Ordering::Relaxed),
+        });
+        config::config_window(&space, offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only the write-cache byte is writable (VIRTIO_BLK_F_CONFIG_WCE).
+        if offset as usize == config::WCE_OFFSET && buf.len() == 1 {
+            self.shared.writeback.store(buf[0] != 0, Ordering::Relaxed);
+            return Ok(());
+        }
+        Err(io::Error::from_raw_os_error(libc::EINVAL))
+    }
+
+    fn update_memory(&self, mem: Gm) -> io::Result<()> {
+        *self.mem.lock().unwrap_or_else(PoisonError::into_inner) = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker thread per queue, so queues are popped in parallel.
+        (0..self.shared.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE must report a ring with every popped request completed.
+        match self.queues.get(queue_index as usize) {
+            Some(q) if !q.inflight.wait_idle(DRAIN_TIMEOUT) => {
+                Err(io::Error::other("requests still in flight after 30 s"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Ok(());
+        }
+        // The backend crate numbers events per worker thread: event `i` of
+        // thread `t` is the i-th queue of that thread's mask, and `vrings`
+        // holds only that thread's rings.
+        let local = usize::from(device_event);
+        let global = self
+            .queues_per_thread()
+            .get(thread_id)
+            .and_then(|&mask| nth_set_bit(mask, local));
+        match (vrings.get(local), global.and_then(|g| self.queues.get(g))) {
+            (Some(v), Some(q)) => {
+                self.kick(q, v);
+                Ok(())
+            }
+            _ => Err(io::Error::other(format!(
+                "unknown device event {device_event}"
+            ))),
+        }
+    }
+}
+
+/// Position of the `n`-th set bit of `mask` (0-based).
+fn nth_set_bit(mask: u64, n: usize) -> Option<usize> {
+    (0..64).filter(|b| mask >> b & 1 == 1).nth(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::ReqCtx;
+    use qsd_block::{BlockBackend, Graph, Perm};
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, GuestAddress};
+
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+
+    fn null_backend(rt: &tokio::runtime::Runtime) -> (Graph, BlockBackend) {
+        let mut g = Graph::new();
+        qsd_drivers::register_all(&mut g);
+        let opts = serde_json::json!({"driver": "null-co", "node-name": "n",
+                                      "size": 1048576, "read-zeroes": true});
+        let node = rt
+            .block_on(g.open(opts.as_object().cloned().unwrap(), qsd_qapi::InputMode::Qmp))
+            .unwrap();
+        let blk = BlockBackend::new(node, "export 'e'", Perm::ALL, Perm::ALL).unwrap();
+        (g, blk)
+    }
+
+    #[test]
+    fn test_nth_set_bit_maps_thread_local_event_to_queue() {
+        assert_eq!(nth_set_bit(0b1, 0), Some(0));
+        assert_eq!(nth_set_bit(0b10, 0), Some(1));
+        assert_eq!(nth_set_bit(0b1010, 1), Some(3));
+        assert_eq!(nth_set_bit(0b1010, 2), None);
+    }
+
+    fn d(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+    }
+
+    fn hdr(mem: &Mem, at: u64, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(at)).unwrap();
+    }
+
+    /// Used ring entries: id -> len.
+    fn used(mem: &Mem, used_addr: GuestAddress) -> std::collections::HashMap<u32, u32> {
+        let idx: u16 = mem.read_obj(used_addr.unchecked_add(2)).unwrap();
+        (0..u64::from(idx))
+            .map(|i| {
+                let e = used_addr.unchecked_add(4 + 8 * i);
+                let id: u32 = mem.read_obj(e).unwrap();
+                let len: u32 = mem.read_obj(e.unchecked_add(4)).unwrap();
+                (id, len)
+            })
+            .collect()
+    }
+
+    fn device(rt: &tokio::runtime::Runtime, backend: BlockBackend) -> BlkDevice {
+        let shared = Arc::new(Shared {
+            id: "e".into(),
+            ctx: ReqCtx {
+                backend,
+                writable: true,
+                blk_size: 512,
+                serial: b"vhost_user_blk".to_vec(),
+                pool: Default::default(),
+            },
+            num_queues: 1,
+            rts: vec![rt.handle().clone()],
+            writeback: AtomicBool::new(true),
+        });
+        BlkDevice::new(shared)
+    }
+
+    /// A vring over `mq`'s rings, ready to pop.
+    fn vring(gm: &Gm, mq: &MockSplitQueue<'_, Mem>) -> Vring {
+        let vring = Vring::new(gm.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring
+            .set_queue_info(mq.desc_table_addr().0, mq.avail_addr().0, mq.used_addr().0)
+            .unwrap();
+        vring.set_queue_ready(true);
+        vring
+    }
+
+    #[test]
+    fn test_process_queue_bad_chains_get_error_status_not_panic() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let (_g, backend) = null_backend(&rt);
+        let dev = device(&rt, backend);
+        let mem = Mem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        // Requests' buffers live from 0x10000 on.
+        hdr(&mem, 0x1_0000, 0, 0); // IN, sector 0
+        hdr(&mem, 0x1_0100, 99, 0); // unknown type
+        hdr(&mem, 0x1_0200, 8, 0); // GET_ID
+        hdr(&mem, 0x1_0300, 0, 1 << 40); // IN beyond the end
+        let chains = [
+            // 0: valid read of 512 bytes
+            d(0x1_0000, 16, NEXT, 1),
+            d(0x2_0000, 512, WRITE | NEXT, 2),
+            d(0x3_0000, 1, WRITE, 0),
+            // 3: data buffer outside guest memory
+            d(0x1_0000, 16, NEXT, 4),
+            d(0xffff_0000_0000, 512, WRITE | NEXT, 5),
+            d(0x3_0010, 1, WRITE, 0),
+            // 6: no status byte at all
+            d(0x1_0000, 16, 0, 0),
+            // 7: unknown request type
+            d(0x1_0100, 16, NEXT, 8),
+            d(0x3_0020, 1, WRITE, 0),
+            // 9: GET_ID
+            d(0x1_0200, 16, NEXT, 10),
+            d(0x4_0000, 20, WRITE | NEXT, 11),
+            d(0x3_0030, 1, WRITE, 0),
+            // 12: read beyond the end of the device
+            d(0x1_0300, 16, NEXT, 13),
+            d(0x2_0000, 512, WRITE | NEXT, 14),
+            d(0x3_0040, 1, WRITE, 0),
+        ];
+        mq.add_desc_chains(&chains, 0).unwrap();
+        let gm = GuestMemoryAtomic::new(mem.clone());
+        let vring = vring(&gm, &mq);
+        dev.update_memory(gm.clone()).unwrap();
+        dev.queues[0].process(&vring, &gm).unwrap();
+        assert!(dev.drain());
+        let u = used(&mem, mq.used_addr());
+        let status = |a: u64| mem.read_obj::<u8>(GuestAddress(a)).unwrap();
+        assert_eq!(u[&0], 513);
+        assert_eq!(status(0x3_0000), 0);
+        assert_eq!(u[&3], 1);
+        assert_eq!(status(0x3_0010), 1, "IOERR for an unmapped buffer");
+        assert_eq!(u[&6], 0, "no status byte: nothing written");
+        assert_eq!(status(0x3_0020), 2, "UNSUPP");
+        assert_eq!(u[&9], 16);
+        let mut id = [0u8; 15];
+        mem.read_slice(&mut id, GuestAddress(0x4_0000)).unwrap();
+        assert_eq!(&id, b"vhost_user_blk\0");
+        assert_eq!(status(0x3_0040), 1, "IOERR beyond the end");
+        assert_eq!(u.len(), 6);
+    }
+}

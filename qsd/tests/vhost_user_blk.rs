@@ -1,0 +1,240 @@
+//! The daemon's vhost-user-blk export end to end: the real `qsd` binary
+//! started with `--export type=vhost-user-blk`, libblkio as the front-end (a
+//! virtio-blk driver without a guest), QMP for removal.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::mem::MaybeUninit;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+use serde_json::{json, Value};
+
+const IMG_LEN: u64 = 16 << 20;
+const BUF: usize = 1 << 20;
+
+struct Daemon {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(writable: bool) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.raw");
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(IMG_LEN).unwrap();
+        f.write_all_at(&vec![0x5a; 1 << 20], 8 << 20).unwrap();
+        let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+        let child = Command::new(env!("CARGO_BIN_EXE_qsd"))
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=disk,filename={}",
+                p("disk.raw")
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=vb,node-name=disk,addr.type=unix,addr.path={},writable={}",
+                p("vhost.sock"),
+                if writable { "on" } else { "off" }
+            ))
+            .arg("--chardev")
+            .arg(format!(
+                "socket,id=m,path={},server=on,wait=off",
+                p("qmp.sock")
+            ))
+            .arg("--monitor")
+            .arg("chardev=m")
+            .spawn()
+            .expect("the qsd binary starts");
+        let d = Daemon { child, dir };
+        d.wait_for(&d.path("vhost.sock"));
+        d.wait_for(&d.path("qmp.sock"));
+        d
+    }
+
+    fn path(&self, n: &str) -> PathBuf {
+        self.dir.path().join(n)
+    }
+
+    fn wait_for(&self, p: &Path) {
+        let t = Instant::now();
+        while !p.exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{p:?} never appeared"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn image(&self, offset: u64, len: usize) -> Vec<u8> {
+        let f = std::fs::File::open(self.path("disk.raw")).unwrap();
+        let mut v = vec![0; len];
+        f.read_exact_at(&mut v, offset).unwrap();
+        v
+    }
+
+    fn stop(mut self) -> i32 {
+        nix_kill(self.child.id());
+        self.child.wait().unwrap().code().unwrap_or(-1)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nix_kill(pid: u32) {
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+}
+
+/// A minimal QMP client: negotiate, run commands, collect events.
+struct Qmp {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+    events: Vec<Value>,
+}
+
+impl Qmp {
+    fn connect(p: &Path) -> Qmp {
+        let s = UnixStream::connect(p).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut q = Qmp {
+            r: BufReader::new(s.try_clone().unwrap()),
+            w: s,
+            events: Vec::new(),
+        };
+        q.line();
+        q.cmd("qmp_capabilities", json!({}));
+        q
+    }
+
+    fn line(&mut self) -> Value {
+        let mut l = String::new();
+        self.r.read_line(&mut l).unwrap();
+        serde_json::from_str(&l).unwrap()
+    }
+
+    fn cmd(&mut self, name: &str, args: Value) -> Value {
+        let m = json!({"execute": name, "arguments": args});
+        writeln!(self.w, "{m}").unwrap();
+        loop {
+            let v = self.line();
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+}
+
+/// A libblkio front-end with one queue and a 1 MiB buffer.
+struct Client {
+    _b: Blkio,
+    q: Blkioq,
+    buf: *mut u8,
+}
+
+impl Client {
+    fn connect(sock: &Path, read_only: bool) -> Client {
+        let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
+        b.set_str("path", sock.to_str().unwrap()).unwrap();
+        b.set_bool("read-only", read_only).unwrap();
+        b.connect().unwrap();
+        let mut out = b.start().unwrap();
+        let q = out.queues.remove(0);
+        let mr = b.alloc_mem_region(BUF).unwrap();
+        b.map_mem_region(&mr).unwrap();
+        Client {
+            buf: mr.addr as *mut u8,
+            _b: b,
+            q,
+        }
+    }
+
+    fn mem(&mut self) -> &mut [u8] {
+        // SAFETY: `buf` is a live mapping of BUF bytes owned by the Blkio
+        // instance in `self`; no request is in flight while it is used.
+        unsafe { std::slice::from_raw_parts_mut(self.buf, BUF) }
+    }
+
+    fn done(&mut self) -> i32 {
+        let mut c = [MaybeUninit::<Completion>::uninit()];
+        while self.q.do_io(&mut c, 1, None, None).unwrap() == 0 {}
+        // SAFETY: do_io returned one initialised completion.
+        unsafe { c[0].assume_init_read() }.ret
+    }
+}
+
+#[test]
+fn test_vhost_user_blk_export_serves_reads_writes_and_is_removed() {
+    let d = Daemon::start(true);
+    let mut c = Client::connect(&d.path("vhost.sock"), false);
+    c.q.read(8 << 20, c.buf, BUF, 1, ReqFlags::empty());
+    assert_eq!(c.done(), 0);
+    assert!(c.mem().iter().all(|&x| x == 0x5a), "host pattern read back");
+    for (i, x) in c.mem().iter_mut().enumerate() {
+        *x = (i % 251) as u8;
+    }
+    let want = c.mem().to_vec();
+    c.q.write(1 << 20, c.buf, BUF, 2, ReqFlags::empty());
+    assert_eq!(c.done(), 0);
+    c.q.flush(3, ReqFlags::empty());
+    assert_eq!(c.done(), 0);
+    assert_eq!(
+        d.image(1 << 20, BUF),
+        want,
+        "the image holds what was written"
+    );
+
+    let mut qmp = Qmp::connect(&d.path("qmp.sock"));
+    let q = qmp.cmd("query-block-exports", json!({}));
+    assert_eq!(q["return"][0]["type"], "vhost-user-blk");
+    drop(c);
+    let r = qmp.cmd("block-export-del", json!({"id": "vb"}));
+    assert!(r.get("return").is_some(), "{r}");
+    let t = Instant::now();
+    while !qmp
+        .events
+        .iter()
+        .any(|e| e["event"] == "BLOCK_EXPORT_DELETED")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no BLOCK_EXPORT_DELETED"
+        );
+        let v = qmp.line();
+        if v.get("event").is_some() {
+            qmp.events.push(v);
+        }
+    }
+    let q = qmp.cmd("query-block-exports", json!({}));
+    assert_eq!(q["return"], json!([]));
+    assert_eq!(d.stop(), 0, "SIGTERM exits cleanly");
+}
+
+#[test]
+fn test_vhost_user_blk_read_only_export_refuses_writes_and_stops_on_sigterm() {
+    let d = Daemon::start(false);
+    let mut c = Client::connect(&d.path("vhost.sock"), true);
+    c.q.read(8 << 20, c.buf, 4096, 1, ReqFlags::empty());
+    assert_eq!(c.done(), 0);
+    c.q.write(0, c.buf, 4096, 2, ReqFlags::empty());
+    assert_ne!(c.done(), 0, "a write to a read-only export fails");
+    assert!(d.image(0, 4096).iter().all(|&x| x == 0));
+    drop(c);
+    assert_eq!(d.stop(), 0, "SIGTERM exits cleanly");
+}
