@@ -15,6 +15,12 @@ pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 pub struct WriteFlags {
     /// Force unit access: the data is on stable storage when the write completes.
     pub fua: bool,
+    /// Store the data compressed (qemu's `BDRV_REQ_WRITE_COMPRESSED`, set by
+    /// the `compress` filter). Formats that can compress take only whole
+    /// clusters (or the image's last, partial cluster) and refuse to
+    /// overwrite allocated clusters; drivers that cannot compress fail with
+    /// `ErrorKind::Unsupported` (ENOTSUP).
+    pub compress: bool,
 }
 
 /// Flags of a write-zeroes request.
@@ -142,6 +148,13 @@ pub trait BlockDriver: std::any::Any + Send + Sync + 'static {
 
     /// Write all of `buf` at `offset`.
     fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFut<'_, IoBuf>;
+
+    /// True if the driver stores `WriteFlags::compress` writes compressed
+    /// (qemu's `block_driver_can_compress`). The node fails compressed
+    /// writes to other drivers with ENOTSUP before they reach `write`.
+    fn can_compress(&self) -> bool {
+        false
+    }
 
     /// Make `len` bytes at `offset` read as zeroes. Drivers that cannot do it
     /// efficiently return `ErrorKind::Unsupported`; the node then writes zero

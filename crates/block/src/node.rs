@@ -374,6 +374,13 @@ impl Node {
             self.zeroes_inner(offset, buf.len() as u64, zflags).await?;
             return Ok(buf);
         }
+        if flags.compress && !self.driver.can_compress() {
+            // qemu's generic layer refuses before the driver sees it.
+            return Err(Error::unsupported(format!(
+                "Compression is not supported for this drive {}",
+                self.name
+            )));
+        }
         let align = self.align();
         if is_aligned(offset, buf.len() as u64, align) {
             return self.driver.write(offset, buf, flags).await;
@@ -420,8 +427,15 @@ impl Node {
         } else if flags.no_fallback {
             return Err(Error::unsupported("unaligned write-zeroes cannot be fast"));
         }
-        self.zeroes_by_writing(offset, len, WriteFlags { fua: flags.fua })
-            .await
+        self.zeroes_by_writing(
+            offset,
+            len,
+            WriteFlags {
+                fua: flags.fua,
+                ..WriteFlags::default()
+            },
+        )
+        .await
     }
 
     /// The fallback for write-zeroes: write zero buffers, 1 MiB at a time.

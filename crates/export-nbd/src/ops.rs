@@ -124,6 +124,7 @@ async fn flush(backend: &BlockBackend) -> Result<(), Failure> {
 async fn write(ctx: &Ctx, req: &Request, buf: IoBuf) -> Result<(), Failure> {
     let flags = WriteFlags {
         fua: req.flags.contains(CommandFlags::FUA),
+        ..WriteFlags::default()
     };
     match ctx.backend.write(req.offset, buf, flags).await {
         Ok(buf) => {

@@ -256,7 +256,10 @@ async fn write<M: GuestMemory>(
         return ioerr;
     }
     // With the write cache disabled by the guest (CONFIG_WCE), writes are FUA.
-    let flags = WriteFlags { fua: !writeback };
+    let flags = WriteFlags {
+        fua: !writeback,
+        ..WriteFlags::default()
+    };
     match ctx.backend.write(offset, buf, flags).await {
         Ok(buf) => {
             ctx.pool.put(buf);

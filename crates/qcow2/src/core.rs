@@ -58,6 +58,9 @@ pub(crate) struct Meta {
     pub snapshot_table_len: u64,
     /// The dirty bit is set on disk (lazy refcounts in use).
     pub dirty_set: bool,
+    /// Where the next compressed cluster may go: the first free byte of a
+    /// partly used host cluster (0 = none, start a new cluster).
+    pub free_byte: u64,
 }
 
 /// Static facts for queries.

@@ -1,9 +1,9 @@
-//! The `BlockDriver` implementation, queries, and compressed writes.
+//! The `BlockDriver` implementation and queries.
 
 use std::sync::atomic::Ordering;
 
 use qsd_block::{
-    BlockDriver, BlockStatus, BoxFut, Error, ImageInfo, Limits, Perm, Result, WriteFlags, ZeroFlags,
+    BlockDriver, BlockStatus, BoxFut, ImageInfo, Limits, Perm, Result, WriteFlags, ZeroFlags,
 };
 use qsd_rt::IoBuf;
 use serde_json::{json, Map, Value};
@@ -38,6 +38,10 @@ impl BlockDriver for Qcow2 {
 
     fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFut<'_, IoBuf> {
         Box::pin(self.write_guest(offset, buf, flags))
+    }
+
+    fn can_compress(&self) -> bool {
+        true
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFut<'_, ()> {
@@ -150,60 +154,5 @@ impl Qcow2 {
             d.insert("extended-l2".into(), self.layout.extended.into());
         }
         json!({"type": "qcow2", "data": d})
-    }
-
-    /// Write one cluster (or the image's last, partial cluster) compressed
-    /// at a cluster-aligned `offset`; stored uncompressed when compression
-    /// does not make it smaller.
-    ///
-    /// TODO(#3): reachable only through this method until `WriteFlags`
-    /// gets a compress flag; compressed data takes whole host clusters.
-    pub async fn write_compressed(&self, offset: u64, buf: IoBuf) -> Result<()> {
-        self.check_not_corrupt()?;
-        let cs = self.cluster_size();
-        let len = buf.len() as u64;
-        self.check_range(offset, len)?;
-        let size = self.size.load(Ordering::Acquire);
-        if !offset.is_multiple_of(cs) || (len != cs && offset + len != size) || len > cs {
-            return Err(Error::invalid(
-                "compressed writes must cover exactly one cluster",
-            ));
-        }
-        if self.data_file.is_some() {
-            return Err(Error::unsupported(
-                "Compression is not supported with an external data file",
-            ));
-        }
-        if self.crypto.is_some() {
-            return Err(Error::unsupported(
-                "Compression and encryption not supported at the same time",
-            ));
-        }
-        let mut full = vec![0u8; cs as usize];
-        full[..buf.len()].copy_from_slice(&buf);
-        let packed = crate::codec::compress(self.compression, &full, (cs - 1) as usize)
-            .map_err(|e| Error::invalid(format!("Could not compress cluster: {e}")))?;
-        let Some(packed) = packed else {
-            self.write_guest(offset, buf, WriteFlags::default()).await?;
-            return Ok(());
-        };
-        let c = offset >> self.cluster_bits();
-        let _claim = self.claim(c, c + 1).await;
-        let n = (packed.len() as u64).div_ceil(cs);
-        let host = {
-            let mut m = self.meta.lock().await;
-            let h = self.alloc_clusters(&mut m, n).await?;
-            self.check_overlap(&m, h, n * cs, 0)?;
-            h
-        };
-        let clen = packed.len() as u64;
-        self.file
-            .write(host, IoBuf::from_slice(&packed), WriteFlags::default())
-            .await?;
-        let entry = self.layout.encode_compressed(host, clen);
-        let mut m = self.meta.lock().await;
-        self.set_l2(&mut m, c, entry, 0, self.pass_discard_other)
-            .await?;
-        self.maybe_writeback(&mut m).await
     }
 }

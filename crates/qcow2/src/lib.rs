@@ -13,6 +13,7 @@ mod codec;
 mod compress;
 mod core;
 mod crypto;
+mod cwrite;
 mod driver;
 mod entries;
 mod header;
@@ -88,6 +89,9 @@ impl BlockDriver for Qcow2Node {
     }
     fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFut<'_, IoBuf> {
         self.0.write(offset, buf, flags)
+    }
+    fn can_compress(&self) -> bool {
+        self.0.can_compress()
     }
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFut<'_, ()> {
         self.0.write_zeroes(offset, len, flags)

@@ -89,6 +89,10 @@ impl Qcow2 {
         set_refcount(block, order, i, new);
         if new == 0 {
             m.cursor = m.cursor.min(c);
+            // A free cluster may be handed out whole: no more packing there.
+            if m.free_byte >> self.cluster_bits() == c {
+                m.free_byte = 0;
+            }
         }
         Ok(new)
     }
@@ -408,25 +412,67 @@ impl Qcow2 {
         for f in frees {
             let first = f.host >> cb;
             let last = (f.host + f.len - 1) >> cb;
-            let mut freed_to_zero = false;
+            let mut zeroed = Vec::new();
             for c in first..=last {
                 if self.add_refcount(m, c, -1).await? == 0 {
-                    freed_to_zero = true;
+                    zeroed.push(c);
                     self.state().l2.remove(c << cb);
                 }
             }
-            if f.pass_discard && freed_to_zero && f.len >= self.cluster_size() {
-                // Advisory: a failure to punch only leaves data in place.
-                if let Err(e) = self
-                    .file
-                    .discard(first << cb, (last - first + 1) << cb)
-                    .await
-                {
-                    tracing::debug!("discard of freed clusters failed: {e}");
-                }
+            if f.pass_discard && f.len >= self.cluster_size() {
+                // Only clusters nobody uses any more: a packed compressed
+                // cluster shares its host clusters with others.
+                self.discard_clusters(&zeroed).await;
             }
         }
         Ok(())
+    }
+
+    /// Punch the host clusters `list` (ascending), in contiguous runs.
+    /// Advisory: a failure to punch only leaves data in place.
+    async fn discard_clusters(&self, list: &[u64]) {
+        let cb = self.cluster_bits();
+        let mut i = 0;
+        while let Some(&start) = list.get(i) {
+            let mut n = 1;
+            while list.get(i + n as usize) == Some(&(start + n)) {
+                n += 1;
+            }
+            i += n as usize;
+            if let Err(e) = self.file.discard(start << cb, n << cb).await {
+                tracing::debug!("discard of freed clusters failed: {e}");
+            }
+        }
+    }
+
+    /// `size` bytes (less than a cluster) for compressed data, packed after
+    /// the previous compressed cluster as qemu does. Every host cluster the
+    /// bytes touch gains one reference; returns the host offset.
+    pub(crate) async fn alloc_bytes(&self, m: &mut Meta, size: u64) -> Result<u64> {
+        let cs = self.cluster_size();
+        let cb = self.cluster_bits();
+        let mut off = m.free_byte;
+        if off != 0 {
+            let rc = self.refcount_of(m, off >> cb).await?;
+            if rc == 0 || rc >= max_refcount(self.refcount_order) {
+                off = 0;
+            }
+        }
+        let room = if off == 0 { 0 } else { cs - (off & (cs - 1)) };
+        if off != 0 && room >= size {
+            self.add_refcount(m, off >> cb, 1).await?;
+        } else {
+            let new = self.alloc_clusters(m, 1).await?;
+            if off != 0 && new == off.next_multiple_of(cs) {
+                // The data runs on from the old tail into the new cluster.
+                self.add_refcount(m, off >> cb, 1).await?;
+            } else {
+                off = new;
+            }
+        }
+        let end = off + size;
+        m.free_byte = if end & (cs - 1) == 0 { 0 } else { end };
+        Ok(off)
     }
 
     /// Queue the release of host range `host..host+len` (whole clusters of

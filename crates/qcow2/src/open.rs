@@ -319,6 +319,7 @@ pub(crate) async fn open(ctx: &mut OpenCtx<'_>, mut opts: Map<String, Value>) ->
             snapshot_l1s: t.snapshot_l1s,
             snapshot_table_len: t.snap_table.len() as u64,
             dirty_set: false,
+            free_byte: 0,
         }),
         barrier: tokio::sync::RwLock::new(()),
         corrupt: AtomicBool::new(false),

@@ -84,6 +84,19 @@ impl Qcow2 {
         buf: IoBuf,
         flags: WriteFlags,
     ) -> Result<IoBuf> {
+        if flags.compress {
+            return self.write_compressed_range(offset, buf, flags).await;
+        }
+        self.write_plain(offset, buf, flags).await
+    }
+
+    /// Write `buf` at guest `offset` uncompressed.
+    pub(crate) async fn write_plain(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        flags: WriteFlags,
+    ) -> Result<IoBuf> {
         self.check_not_corrupt()?;
         let len = buf.len() as u64;
         self.check_range(offset, len)?;

@@ -14,9 +14,16 @@ async fn test_file_write_then_read_returns_data() {
     let node = add(&mut g, file_opts(&path)).await.unwrap();
     let blk = backend(&node);
     assert_eq!(blk.len(), 1 << 20);
-    blk.write(8192, filled(4096, 0x5a), WriteFlags { fua: true })
-        .await
-        .unwrap();
+    blk.write(
+        8192,
+        filled(4096, 0x5a),
+        WriteFlags {
+            fua: true,
+            ..WriteFlags::default()
+        },
+    )
+    .await
+    .unwrap();
     let got = blk.read(8192 - 1, IoBuf::new(4098)).await.unwrap();
     assert_eq!(got[0], 0);
     assert!(got[1..4097].iter().all(|&b| b == 0x5a));
