@@ -242,6 +242,33 @@ def test_luks_base64_and_keyid_secrets(workdir, start_daemon, image_cache):
         d.stop()
 
 
+def add_session_key(payload: bytes) -> int:
+    """Put a `user` key into this process's session keyring (the daemon
+    inherits it, so it possesses the key) and return its serial."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_add_key = 248  # x86_64
+    serial = libc.syscall(sys_add_key, b"user", f"qsd-test-{os.getpid()}".encode(),
+                          payload, len(payload), ctypes.c_int(-3))
+    assert serial > 0, f"add_key failed: {os.strerror(ctypes.get_errno())}"
+    return serial
+
+
+def test_luks_secret_keyring(workdir, start_daemon, image_cache):
+    img = cached_image(image_cache, workdir / "img.luks")
+    qemu_io_luks(img, "write -P 0x37 0 4k")
+    serial = add_session_key(PASS.encode())
+    d, mon, uri = start(start_daemon, workdir, img,
+                        [f"secret_keyring,id=kr,serial={serial}"], secret="kr",
+                        writable=False)
+    harness.qemu_io(uri, "read -P 0x37 0 4k", extra=["-r"])
+    with pytest.raises(QmpError) as e:
+        mon.cmd("object-add", **{"qom-type": "secret_keyring", "id": "missing",
+                                 "serial": 0x3039})
+    assert "Unable to read serial key 00003039" in str(e.value)
+    d.stop()
+
+
 @pytest.mark.qsd_only
 def test_luks_secret_in_use_cannot_be_deleted(workdir, qmp_only, image_cache):
     img = cached_image(image_cache, workdir / "img.luks")

@@ -1,5 +1,6 @@
-//! `--object` / `object-add` / `object-del`: `iothread` and `secret`; other
-//! qemu object types are refused with a clear message.
+//! `--object` / `object-add` / `object-del`: `iothread`, `secret` and
+//! `secret_keyring`; other qemu object types are refused with a clear
+//! message.
 
 use std::collections::BTreeMap;
 
@@ -87,6 +88,20 @@ struct SecretProps {
     loaded: Option<bool>,
 }
 
+/// Properties of a `secret_keyring` object (qemu's `SecretKeyringProperties`):
+/// the data is the payload of a key in the kernel keyring.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct SecretKeyringProps {
+    serial: i32,
+    format: Option<SecretFormatArg>,
+    keyid: Option<String>,
+    iv: Option<String>,
+    /// Deprecated in qemu and without effect.
+    #[allow(dead_code)]
+    loaded: Option<bool>,
+}
+
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum SecretFormatArg {
@@ -104,16 +119,55 @@ fn secret_bytes(secrets: &SecretStore, p: &SecretProps) -> Result<Zeroizing<Vec<
             std::fs::read(f).map_err(|e| anyhow!("Unable to read {f}: {}", read_error(f, &e)))?,
         ),
     };
-    let format = match p.format.unwrap_or(SecretFormatArg::Raw) {
+    decode(
+        secrets,
+        &input,
+        p.format,
+        p.keyid.as_deref(),
+        p.iv.as_deref(),
+    )
+}
+
+/// The plain bytes of a new `secret_keyring`.
+fn keyring_secret_bytes(
+    secrets: &SecretStore,
+    p: &SecretKeyringProps,
+) -> Result<Zeroizing<Vec<u8>>> {
+    let input = Zeroizing::new(qsd_rt::process::keyring_read(p.serial).map_err(|e| {
+        let why = e.raw_os_error().map_or_else(
+            || e.to_string(),
+            |n| nix::errno::Errno::from_raw(n).desc().to_string(),
+        );
+        // qemu prints the serial as eight hex digits.
+        anyhow!("Unable to read serial key {:08x}: {why}", p.serial)
+    })?);
+    decode(
+        secrets,
+        &input,
+        p.format,
+        p.keyid.as_deref(),
+        p.iv.as_deref(),
+    )
+}
+
+/// Decode secret data: base64, and decryption under the master secret `keyid`.
+fn decode(
+    secrets: &SecretStore,
+    input: &[u8],
+    format: Option<SecretFormatArg>,
+    keyid: Option<&str>,
+    iv: Option<&str>,
+) -> Result<Zeroizing<Vec<u8>>> {
+    let format = match format.unwrap_or(SecretFormatArg::Raw) {
         SecretFormatArg::Raw => SecretFormat::Raw,
         SecretFormatArg::Base64 => SecretFormat::Base64,
     };
-    let master = match &p.keyid {
+    let master = match keyid {
         Some(k) => Some(secrets.get(k).map_err(|e| anyhow!("{}", e.message()))?),
         None => None,
     };
-    let master = master.as_ref().map(|m| (m.bytes(), p.iv.as_deref()));
-    decode_secret(&input, format, master).map_err(|e| anyhow!("{e}"))
+    let master = master.as_ref().map(|m| (m.bytes(), iv));
+    decode_secret(input, format, master).map_err(|e| anyhow!("{e}"))
 }
 
 /// glib's wording of a failed file read, which qemu passes on.
@@ -155,6 +209,16 @@ pub fn add(
         "secret" => {
             let props: SecretProps = args.props()?;
             let bytes = secret_bytes(secrets, &props)?;
+            if id_taken(threads, secrets, &id) {
+                return Err(duplicate());
+            }
+            secrets
+                .insert(&id, bytes)
+                .map_err(|e| anyhow!("{}", e.message()))
+        }
+        "secret_keyring" => {
+            let props: SecretKeyringProps = args.props()?;
+            let bytes = keyring_secret_bytes(secrets, &props)?;
             if id_taken(threads, secrets, &id) {
                 return Err(duplicate());
             }

@@ -65,3 +65,47 @@ pub fn take_inherited_fd(fd: i32) -> io::Result<std::os::fd::OwnedFd> {
     // process by its parent for this purpose; nothing else in qsd owns it.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
+
+/// Read the payload of key `serial` from the kernel keyring (what qemu's
+/// `secret_keyring` object does). The caller must possess the key or be
+/// allowed to read it.
+pub fn keyring_read(serial: i32) -> io::Result<Vec<u8>> {
+    const KEYCTL_READ: libc::c_long = 11;
+    let mut buf = Vec::new();
+    loop {
+        // SAFETY: keyctl(KEYCTL_READ) writes at most `buf.len()` bytes into
+        // `buf` (a null pointer with length 0 asks only for the size); the
+        // pointer and length describe memory we own for the whole call.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_keyctl,
+                KEYCTL_READ,
+                libc::c_long::from(serial),
+                if buf.is_empty() {
+                    std::ptr::null_mut()
+                } else {
+                    buf.as_mut_ptr()
+                },
+                buf.len(),
+            )
+        };
+        let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+        if n <= buf.len() {
+            buf.truncate(n);
+            return Ok(buf);
+        }
+        // The key is larger than the buffer (or this was the size query).
+        buf.resize(n, 0);
+    }
+}
+
+#[cfg(test)]
+mod keyring_tests {
+    use super::*;
+
+    #[test]
+    fn test_keyring_read_missing_key_fails() {
+        let err = keyring_read(0x7fff_fff0).unwrap_err();
+        assert!(err.raw_os_error().is_some());
+    }
+}
