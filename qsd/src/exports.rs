@@ -242,6 +242,47 @@ async fn forget(d: &Daemon, id: &str) {
     d.events.emit("BLOCK_EXPORT_DELETED", json!({ "id": id }));
 }
 
+impl Exports {
+    /// Export ids are unique across all export types.
+    fn check_new_id(&self, id: &str) -> Result<()> {
+        if self.list.iter().any(|e| e.id == id) {
+            bail!("Block export id '{id}' is already in use");
+        }
+        Ok(())
+    }
+}
+
+/// The node an export serves, and whether it is exported writable (refused
+/// for a read-only node, as qemu).
+async fn exportable_node(d: &Daemon, o: &BlockExportOptions) -> Result<(NodeRef, bool)> {
+    let node = d.graph.lock().await.lookup(&o.node_name)?;
+    let writable = o.writable.unwrap_or(false);
+    if writable && node.is_read_only() {
+        bail!("Cannot export read-only node as writable");
+    }
+    Ok((node, writable))
+}
+
+/// The runtime an export's requests run on: its I/O thread, or the main loop.
+fn export_runtime(d: &Daemon, iothread: Option<&str>) -> Result<tokio::runtime::Handle> {
+    match iothread {
+        Some(id) => d
+            .iothreads()
+            .handle(id)
+            .ok_or_else(|| anyhow!("iothread \"{id}\" not found")),
+        None => Ok(tokio::runtime::Handle::current()),
+    }
+}
+
+/// What an export takes on its node.
+fn export_perm(writable: bool) -> Perm {
+    if writable {
+        Perm::CONSISTENT_READ | Perm::WRITE
+    } else {
+        Perm::CONSISTENT_READ
+    }
+}
+
 /// `--export` and `block-export-add`.
 pub async fn add(d: &Daemon, opts: Map<String, Value>, mode: InputMode) -> Result<()> {
     let o = BlockExportOptions::from_raw(&Raw::new(Value::Object(opts), mode))?;
@@ -258,31 +299,15 @@ pub async fn add(d: &Daemon, opts: Map<String, Value>, mode: InputMode) -> Resul
         bail!("writethrough=on is not supported by qsd yet");
     }
     let mut ex = d.exports.lock().await;
-    if ex.list.iter().any(|e| e.id == o.id) {
-        bail!("Block export id '{}' is already in use", o.id);
-    }
+    ex.check_new_id(&o.id)?;
     let server = ex.server()?.clone();
-    let node = d.graph.lock().await.lookup(&o.node_name)?;
-    let writable = o.writable.unwrap_or(false);
-    if writable && node.is_read_only() {
-        bail!("Cannot export read-only node as writable");
-    }
-    let io = match &o.iothread {
-        Some(id) => d
-            .iothreads()
-            .handle(id)
-            .ok_or_else(|| anyhow!("iothread \"{id}\" not found"))?,
-        None => tokio::runtime::Handle::current(),
-    };
+    let (node, writable) = exportable_node(d, &o).await?;
+    let io = export_runtime(d, o.iothread.as_deref())?;
     let name = nbd.name.clone().unwrap_or_else(|| o.node_name.clone());
     if server.export(&name).is_some() {
         bail!("NBD server already has export named '{name}'");
     }
-    let perm = if writable {
-        Perm::CONSISTENT_READ | Perm::WRITE
-    } else {
-        Perm::CONSISTENT_READ
-    };
+    let perm = export_perm(writable);
     let backend = BlockBackend::new(
         node,
         "an unnamed block device",
@@ -313,21 +338,9 @@ async fn add_fuse(d: &Daemon, o: &BlockExportOptions, f: &BlockExportOptionsFuse
         bail!("writethrough=on is not supported by qsd yet");
     }
     let mut ex = d.exports.lock().await;
-    if ex.list.iter().any(|e| e.id == o.id) {
-        bail!("Block export id '{}' is already in use", o.id);
-    }
-    let node = d.graph.lock().await.lookup(&o.node_name)?;
-    let writable = o.writable.unwrap_or(false);
-    if writable && node.is_read_only() {
-        bail!("Cannot export read-only node as writable");
-    }
-    let io = match &o.iothread {
-        Some(id) => d
-            .iothreads()
-            .handle(id)
-            .ok_or_else(|| anyhow!("iothread \"{id}\" not found"))?,
-        None => tokio::runtime::Handle::current(),
-    };
+    ex.check_new_id(&o.id)?;
+    let (node, writable) = exportable_node(d, o).await?;
+    let io = export_runtime(d, o.iothread.as_deref())?;
     let mounted_there = |e: &Entry| match &e.kind {
         Kind::Fuse(x) => !x.is_removed() && x.is_mounted_at(&f.mountpoint),
         Kind::Nbd(_) | Kind::VhostUserBlk(_) => false,
@@ -385,21 +398,9 @@ async fn add_vhost_user_blk(
     v: &BlockExportOptionsVhostUserBlk,
 ) -> Result<()> {
     let mut ex = d.exports.lock().await;
-    if ex.list.iter().any(|e| e.id == o.id) {
-        bail!("Block export id '{}' is already in use", o.id);
-    }
-    let node = d.graph.lock().await.lookup(&o.node_name)?;
-    let writable = o.writable.unwrap_or(false);
-    if writable && node.is_read_only() {
-        bail!("Cannot export read-only node as writable");
-    }
-    let io = match &o.iothread {
-        Some(id) => d
-            .iothreads()
-            .handle(id)
-            .ok_or_else(|| anyhow!("iothread \"{id}\" not found"))?,
-        None => tokio::runtime::Handle::current(),
-    };
+    ex.check_new_id(&o.id)?;
+    let (node, writable) = exportable_node(d, o).await?;
+    let io = export_runtime(d, o.iothread.as_deref())?;
     let mut opts = VhostBlkOptions::new(o.id.clone(), vhost_addr(&v.addr)?);
     opts.writable = writable;
     opts.writethrough = o.writethrough.unwrap_or(false);
@@ -410,11 +411,7 @@ async fn add_vhost_user_blk(
     if let Some(n) = v.num_queues {
         opts.num_queues = n;
     }
-    let perm = if writable {
-        Perm::CONSISTENT_READ | Perm::WRITE
-    } else {
-        Perm::CONSISTENT_READ
-    };
+    let perm = export_perm(writable);
     let backend = BlockBackend::new(
         node,
         "an unnamed block device",
