@@ -19,6 +19,8 @@ pub struct TableCache {
     slots: HashMap<u64, Slot>,
     capacity: usize,
     tick: u64,
+    /// `tick` at the previous [`TableCache::drop_idle`].
+    idle_mark: u64,
     /// Bumped whenever a table leaves the cache: a table read from disk
     /// while this changed may be stale and is not inserted.
     pub generation: u64,
@@ -31,6 +33,7 @@ impl TableCache {
             slots: HashMap::new(),
             capacity: capacity.max(2),
             tick: 0,
+            idle_mark: 0,
             generation: 0,
         }
     }
@@ -130,6 +133,18 @@ impl TableCache {
         }
     }
 
+    /// Drop the clean tables nobody used since the previous call (qemu's
+    /// `cache-clean-interval`: an idle image gives its cache memory back).
+    pub fn drop_idle(&mut self) {
+        let mark = self.idle_mark;
+        let before = self.slots.len();
+        self.slots.retain(|_, s| s.dirty || s.used > mark);
+        if self.slots.len() != before {
+            self.generation += 1;
+        }
+        self.idle_mark = self.tick;
+    }
+
     /// Forget a table (its cluster was freed).
     pub fn remove(&mut self, offset: u64) {
         if self.slots.remove(&offset).is_some() {
@@ -151,6 +166,22 @@ mod tests {
         c.insert(3, vec![3], false);
         assert!(c.contains(1) && !c.contains(2) && c.contains(3));
         assert_eq!(c.generation, 1);
+    }
+
+    #[test]
+    fn test_cache_drop_idle_keeps_used_and_dirty_tables() {
+        let mut c = TableCache::new(8);
+        c.insert(0, vec![0], false);
+        c.insert(1, vec![1], false);
+        c.insert(2, vec![2], true);
+        c.drop_idle();
+        // Everything was used since the (initial) mark.
+        assert!(c.contains(0) && c.contains(1) && c.contains(2));
+        assert!(c.get(1).is_some());
+        c.drop_idle();
+        assert!(!c.contains(0), "idle clean table dropped");
+        assert!(c.contains(1), "used table kept");
+        assert!(c.contains(2), "dirty table kept");
     }
 
     #[test]

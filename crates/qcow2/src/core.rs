@@ -106,6 +106,8 @@ pub struct Qcow2 {
     pub(crate) prealloc: std::sync::atomic::AtomicU8,
     /// The cipher of an encrypted image.
     pub(crate) crypto: Option<crate::crypto::Crypto>,
+    /// `cache-clean-interval` in seconds (0 = never clean).
+    pub(crate) clean_interval: u64,
 }
 
 impl std::fmt::Debug for Qcow2 {

@@ -65,8 +65,23 @@ impl DriverFactory for Qcow2Factory {
     ) -> BoxFut<'a, Box<dyn BlockDriver>> {
         Box::pin(async move {
             let q = Arc::new(open::open(ctx, opts).await?);
+            if q.clean_interval > 0 {
+                let every = std::time::Duration::from_secs(q.clean_interval);
+                tokio::spawn(clean_caches(Arc::downgrade(&q), every));
+            }
             Ok(Box::new(Qcow2Node(q)) as Box<dyn BlockDriver>)
         })
+    }
+}
+
+/// `cache-clean-interval`: every `every`, drop the clean L2 tables and
+/// refcount blocks nobody used since the previous pass. Ends with the node.
+async fn clean_caches(q: std::sync::Weak<Qcow2>, every: std::time::Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(q) = q.upgrade() else { return };
+        q.state().l2.drop_idle();
+        q.meta.lock().await.rc.drop_idle();
     }
 }
 

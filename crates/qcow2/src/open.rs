@@ -157,9 +157,8 @@ fn check_accepted(o: &Qcow2Opts) -> Result<()> {
             ));
         }
     }
-    // TODO(#3): cache-clean-interval (no periodic cache cleaning yet) and
-    // pass-discard-snapshot (no internal snapshot operations yet).
-    let _ = (o.cache_clean_interval, o.pass_discard_snapshot);
+    // TODO(#3): pass-discard-snapshot (no internal snapshot operations yet).
+    let _ = o.pass_discard_snapshot;
     Ok(())
 }
 
@@ -341,6 +340,8 @@ pub(crate) async fn open(ctx: &mut OpenCtx<'_>, mut opts: Map<String, Value>) ->
         header_copy: h,
         prealloc: std::sync::atomic::AtomicU8::new(0),
         crypto,
+        // qemu's default on Linux: ten minutes.
+        clean_interval: o.cache_clean_interval.unwrap_or(600),
         file,
     };
     if !read_only && q.header_copy.incompatible & incompat::DIRTY != 0 {
