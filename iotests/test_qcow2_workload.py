@@ -1,6 +1,6 @@
 """A seeded random workload on qcow2 images over several NBD connections.
 
-Each image gets ~2000 operations (unaligned writes of random size, write
+Each image gets ~10000 operations (unaligned writes of random size, write
 zeroes with and without NO_HOLE, trims, flushes, verified reads) from four
 libnbd connections at once, each on its own quarter of the disk, mirrored
 onto a raw model file. Afterwards ``qemu-img check`` must find nothing and
@@ -23,7 +23,7 @@ import qcow2_util as U
 from qcow2_util import IMG_SIZE, KiB, MiB
 
 DEFAULT_SEED = 20261121
-OPS_PER_IMAGE = 2000
+OPS_PER_IMAGE = 10000
 CONNECTIONS = 4
 
 
