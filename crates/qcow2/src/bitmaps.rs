@@ -1,6 +1,7 @@
 //! Persistent dirty bitmaps: the bitmaps header extension, the bitmap
 //! directory and bitmap tables, and the QAPI `Qcow2BitmapInfo` view.
 
+use crate::be::{be16, be32, be64};
 use serde_json::{json, Map, Value};
 use std::collections::HashSet;
 
@@ -98,24 +99,6 @@ pub struct BitmapEntry {
     pub extra: Vec<u8>,
     /// Bytes the entry occupies in the directory, padding included.
     pub entry_len: usize,
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    let mut a = [0u8; 2];
-    a.copy_from_slice(&b[at..at + 2]);
-    u16::from_be_bytes(a)
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_be_bytes(a)
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
 }
 
 /// Parse the bitmaps extension payload. The caller checks that

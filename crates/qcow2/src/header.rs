@@ -1,5 +1,6 @@
 //! The qcow2 header and its extensions: parsing, validation and encoding.
 
+use crate::be::{be32, be64};
 use qsd_block::{Error, ErrorKind, Result};
 
 /// "QFI\xfb".
@@ -128,18 +129,6 @@ pub struct Header {
     pub crypto_ext: Option<(u64, u64)>,
     /// Extensions we do not interpret, kept verbatim (type, data).
     pub unknown_ext: Vec<(u32, Vec<u8>)>,
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_be_bytes(a)
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
 }
 
 fn corrupt(msg: impl Into<String>) -> Error {

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+mod be;
 // The codec modules carry writers and checks for later stages (header and
 // bitmap rewrites); until those land, parts of them are unused here.
 #[allow(dead_code)]

@@ -5,6 +5,7 @@
 //! (64-bit VM state size, virtual disk size, icount, then anything newer),
 //! the ID and the name, padded to a multiple of 8 bytes.
 
+use crate::be::{be16, be32, be64};
 use serde_json::{json, Map, Value};
 
 /// Most snapshots qemu accepts in one image.
@@ -68,24 +69,6 @@ pub struct Snapshot {
     pub extra: Vec<u8>,
     /// Bytes the entry occupies in the table, padding included.
     pub table_len: usize,
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    let mut a = [0u8; 2];
-    a.copy_from_slice(&b[at..at + 2]);
-    u16::from_be_bytes(a)
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_be_bytes(a)
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
 }
 
 fn round_up8(n: usize) -> usize {
