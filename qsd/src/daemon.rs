@@ -55,6 +55,9 @@ impl Daemon {
         let mut graph = Graph::new();
         qsd_drivers::register_all(&mut graph);
         qsd_qcow2::register(&mut graph);
+        qsd_throttle::register(&mut graph);
+        qsd_quorum::register(&mut graph);
+        qsd_blkdebug::register(&mut graph);
         let events = EventBus::new();
         let bus = events.clone();
         graph.set_event_sink(qsd_block::EventSink::new(move |name, data| {

@@ -194,6 +194,13 @@ pub trait BlockDriver: std::any::Any + Send + Sync + 'static {
     /// What queries report about the image.
     fn image_info(&self) -> ImageInfo;
 
+    /// A debug event fired at this node (see [`crate::debug`]). Return true
+    /// if the driver handled it (blkdebug); false passes it to the node's
+    /// primary child.
+    fn debug_event(&self, _ev: crate::DebugEvent) -> bool {
+        false
+    }
+
     /// Called once before the node is dropped (after a drain).
     fn close(&self) -> BoxFut<'_, ()> {
         Box::pin(async { Ok(()) })

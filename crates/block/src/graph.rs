@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use crate::driver::{BlockDriver, BoxFut};
 use crate::events::EventSink;
 use crate::node::{ChildLink, CommonOptions, DetectZeroes, Node};
+use crate::objects::ObjectStore;
 use crate::secrets::{SecretRef, SecretStore};
 use crate::{Error, ErrorKind, NodeRef, Result};
 
@@ -161,6 +162,13 @@ impl OpenCtx<'_> {
         self.graph.secrets.get(id)
     }
 
+    /// User-created object `id` of type `T` (for example a throttle group).
+    /// Keep the handle for as long as the node uses the object: that keeps
+    /// it from being deleted. `None` if it is missing or of another type.
+    pub fn object<T: std::any::Any + Send + Sync>(&self, id: &str) -> Option<Arc<T>> {
+        self.graph.objects.get(id)
+    }
+
     /// Where the node raises QMP events.
     pub fn events(&self) -> EventSink {
         self.graph.events.clone()
@@ -193,6 +201,7 @@ pub struct Graph {
     next_auto: u64,
     events: EventSink,
     secrets: SecretStore,
+    objects: ObjectStore,
 }
 
 impl std::fmt::Debug for Graph {
@@ -217,6 +226,11 @@ impl Graph {
     /// The secrets drivers may look up (shared with the daemon's objects).
     pub fn secrets(&self) -> &SecretStore {
         &self.secrets
+    }
+
+    /// The user-created objects drivers look up (throttle groups, ...).
+    pub fn objects(&self) -> &ObjectStore {
+        &self.objects
     }
 
     /// Make a driver available.

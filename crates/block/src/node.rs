@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use qsd_rt::IoBuf;
 use tokio::sync::Notify;
 
+use crate::debug::DebugEvent;
 use crate::driver::{BlockDriver, BlockStatus, WriteFlags, ZeroFlags};
 use crate::perm::{check_conflict, PermUser, UserDesc, UserEntry};
 use crate::{Error, ErrorKind, Perm, Result};
@@ -161,6 +162,26 @@ impl Node {
     /// The children.
     pub fn children(&self) -> &[ChildLink] {
         &self.children
+    }
+
+    /// The child that holds this node's data (qemu's primary child): the
+    /// first child in role `file` or `image`.
+    pub fn primary_child(&self) -> Option<&NodeRef> {
+        self.children
+            .iter()
+            .find(|c| c.role == "file" || c.role == "image")
+            .map(|c| &c.node)
+    }
+
+    /// Fire debug event `ev` at this node: its driver handles it (blkdebug)
+    /// or it passes down to the primary child. Drivers call this on the
+    /// child they are about to touch, just before the I/O the event names.
+    pub fn debug_event(&self, ev: DebugEvent) {
+        if !self.driver.debug_event(ev) {
+            if let Some(child) = self.primary_child() {
+                child.debug_event(ev);
+            }
+        }
     }
 
     /// Current size in bytes.
@@ -482,6 +503,11 @@ impl Node {
             return Ok(());
         }
         let _guard = self.inflight.enter();
+        // As qemu's bdrv_co_flush: the events go to the child being flushed.
+        if let Some(child) = self.primary_child() {
+            child.debug_event(DebugEvent::FlushToOs);
+            child.debug_event(DebugEvent::FlushToDisk);
+        }
         self.driver.flush().await
     }
 
