@@ -294,6 +294,7 @@ impl Qcow2 {
             ));
         }
         let gen = self.state().l2.generation;
+        self.file.debug_event(qsd_block::DebugEvent::L2Load);
         let buf = self.file.read(l2_off, IoBuf::new(cs as usize)).await?;
         let mut st = self.state();
         if st.l2.generation == gen && !st.l2.contains(l2_off) {

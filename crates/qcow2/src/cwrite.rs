@@ -105,6 +105,8 @@ impl Qcow2 {
         let entry = crate::compress::make_descriptor(host, clen, self.cluster_bits())
             .map_err(|e| Error::invalid(format!("Cannot store compressed cluster: {e}")))?;
         self.file
+            .debug_event(qsd_block::DebugEvent::WriteCompressed);
+        self.file
             .write(host, IoBuf::from_slice(&packed), WriteFlags::default())
             .await?;
         let mut m = self.meta.lock().await;

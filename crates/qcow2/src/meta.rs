@@ -6,7 +6,7 @@
 //! after the L2 change that stopped using it is on disk (frees wait in
 //! `Meta::pending_free` until a writeback made the L2 change durable).
 
-use qsd_block::{Error, Result, WriteFlags};
+use qsd_block::{DebugEvent, Error, Result, WriteFlags};
 use qsd_rt::IoBuf;
 
 use crate::core::{Meta, PendingFree, Qcow2};
@@ -43,6 +43,7 @@ impl Qcow2 {
             self.write_rc_blocks(m).await?;
             m.rc.trim();
         }
+        self.file.debug_event(DebugEvent::RefblockLoad);
         let buf = self.file.read(off, IoBuf::new(cs as usize)).await?;
         m.rc.insert(off, buf.to_vec(), false);
         Ok(())
@@ -134,6 +135,7 @@ impl Qcow2 {
     /// Allocate `n` contiguous clusters (refcount 1 each); returns the host
     /// offset of the first.
     pub(crate) async fn alloc_clusters(&self, m: &mut Meta, n: u64) -> Result<u64> {
+        self.file.debug_event(DebugEvent::ClusterAlloc);
         let (start, counted) = match self.find_run(m, m.cursor, n).await? {
             Some(s) => (s, false),
             None => (self.alloc_past_end(m, n).await?, true),
@@ -182,6 +184,7 @@ impl Qcow2 {
                 continue;
             }
             for (i, b) in missing(&m.reftable, k).into_iter().enumerate() {
+                self.file.debug_event(DebugEvent::RefblockAlloc);
                 let off = (e + n + i as u64) << self.cluster_bits();
                 self.check_overlap(m, off, cs, 0)?;
                 m.rc.insert(off, vec![0u8; cs as usize], true);
@@ -208,6 +211,7 @@ impl Qcow2 {
     /// Grow the refcount table to cover block index `bi`: the new table and
     /// the blocks covering it go past the end of everything in use.
     pub(crate) async fn grow_reftable(&self, m: &mut Meta, bi: u64) -> Result<()> {
+        self.file.debug_event(DebugEvent::ReftableGrow);
         let cs = self.cluster_size();
         let per_cluster = cs / 8;
         let want = (bi + 1).max(m.reftable.len() as u64 * 2);
@@ -300,6 +304,7 @@ impl Qcow2 {
                 data.len() as u64,
                 crate::options::overlap::REFCOUNT_BLOCK,
             )?;
+            self.file.debug_event(DebugEvent::RefblockUpdatePart);
             self.write_meta(*off, data).await?;
             m.rc.mark_clean(*off, data);
         }
@@ -346,6 +351,7 @@ impl Qcow2 {
         if m.reftable_dirty {
             self.file.flush().await?;
             let off = m.header.refcount_table_offset;
+            self.file.debug_event(DebugEvent::ReftableUpdate);
             self.write_table(off, &m.reftable).await?;
             m.reftable_dirty = false;
             unsynced = true;
@@ -357,6 +363,7 @@ impl Qcow2 {
         for (off, data) in &l2_dirty {
             let skip = crate::options::overlap::ACTIVE_L2;
             self.check_overlap(m, *off, data.len() as u64, skip)?;
+            self.file.debug_event(DebugEvent::L2Update);
             self.write_meta(*off, data).await?;
             self.state().l2.mark_clean(*off, data);
             unsynced = true;
@@ -366,6 +373,7 @@ impl Qcow2 {
                 self.file.flush().await?;
             }
             let l1 = self.state().l1.clone();
+            self.file.debug_event(DebugEvent::L1Update);
             self.write_table(m.header.l1_table_offset, &l1).await?;
             m.l1_dirty = false;
             unsynced = true;
@@ -449,6 +457,7 @@ impl Qcow2 {
     /// the previous compressed cluster as qemu does. Every host cluster the
     /// bytes touch gains one reference; returns the host offset.
     pub(crate) async fn alloc_bytes(&self, m: &mut Meta, size: u64) -> Result<u64> {
+        self.file.debug_event(DebugEvent::ClusterAllocBytes);
         let cs = self.cluster_size();
         let cb = self.cluster_bits();
         let mut off = m.free_byte;

@@ -1,7 +1,7 @@
 //! Reads: guest ranges to host ranges, the backing file, zeroes, and
 //! compressed clusters.
 
-use qsd_block::{BlockStatus, Error, Result};
+use qsd_block::{BlockStatus, DebugEvent, Error, Result};
 use qsd_rt::IoBuf;
 
 use crate::core::{Extent, Qcow2};
@@ -53,6 +53,7 @@ impl Qcow2 {
                 Ok(buf)
             }
             Mapping::Normal { host, .. } => {
+                self.file.debug_event(DebugEvent::ReadAio);
                 let mut buf = self.data_node().read(host, buf).await?;
                 if let Some(c) = &self.crypto {
                     c.decrypt(host, at, &mut buf)?;
@@ -81,6 +82,7 @@ impl Qcow2 {
             buf.zero();
             Ok(buf)
         } else if at + n <= blen {
+            self.file.debug_event(DebugEvent::ReadBackingAio);
             backing.read(at, buf).await
         } else {
             let part = backing.read(at, IoBuf::new((blen - at) as usize)).await?;
@@ -101,6 +103,7 @@ impl Qcow2 {
                 len,
             ));
         }
+        self.file.debug_event(DebugEvent::ReadCompressed);
         let input = self.file.read(host, IoBuf::new(avail as usize)).await?;
         let mut out = vec![0u8; self.cluster_size() as usize];
         crate::codec::decompress(self.compression, &input, &mut out).map_err(|e| {
