@@ -12,9 +12,10 @@ use qsd_export_fuse::{AllowOther, FuseExport, FuseExportOptions};
 use qsd_export_nbd::{ExportOptions, ListenAddr, NbdExport, NbdServer, RemoveMode, ServerOptions};
 use qsd_export_vhost_user_blk::{VhostAddr, VhostBlkOptions, VhostUserBlkExport};
 use qsd_qapi::options::{
-    BlockExportDelArgs, BlockExportKind, BlockExportOptions, BlockExportOptionsFuse,
-    BlockExportOptionsVhostUserBlk, BlockExportRemoveMode, FuseExportAllowOther, NbdServerAddArgs,
-    NbdServerOptions, NbdServerRemoveArgs, NbdServerStartArgs, SocketAddress,
+    BlockExportDelArgs, BlockExportIothread, BlockExportKind, BlockExportOptions,
+    BlockExportOptionsFuse, BlockExportOptionsVhostUserBlk, BlockExportRemoveMode,
+    FuseExportAllowOther, NbdServerAddArgs, NbdServerOptions, NbdServerRemoveArgs,
+    NbdServerStartArgs, SocketAddress,
 };
 use qsd_qapi::{InputMode, Raw};
 use qsd_qmp::QmpError;
@@ -37,7 +38,8 @@ enum Kind {
 struct Entry {
     id: String,
     node_name: String,
-    iothread: Option<String>,
+    /// The I/O threads it runs on (several for a vhost-user-blk list).
+    iothreads: Vec<String>,
     kind: Kind,
 }
 
@@ -134,7 +136,9 @@ impl Exports {
 
     /// True when an export runs on I/O thread `id`.
     pub fn uses_iothread(&self, id: &str) -> bool {
-        self.list.iter().any(|e| e.iothread.as_deref() == Some(id))
+        self.list
+            .iter()
+            .any(|e| e.iothreads.iter().any(|t| t == id))
     }
 
     fn server(&self) -> Result<&NbdServer> {
@@ -274,6 +278,24 @@ fn export_runtime(d: &Daemon, iothread: Option<&str>) -> Result<tokio::runtime::
     }
 }
 
+/// `iothread` of an export type that runs on one thread: qemu's string (a
+/// list is a vhost-user-blk extension; a one-element list is accepted).
+fn single_iothread(o: &BlockExportOptions) -> Result<Option<&str>> {
+    match o.iothread.as_ref().map(BlockExportIothread::names) {
+        None => Ok(None),
+        Some(v) if v.len() == 1 => Ok(Some(v[0])),
+        Some(_) => bail!("a list of iothreads is only supported by vhost-user-blk exports"),
+    }
+}
+
+/// The names in `iothread`, for the export table.
+fn iothread_names(o: &BlockExportOptions) -> Vec<String> {
+    o.iothread
+        .as_ref()
+        .map(|t| t.names().into_iter().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
 /// What an export takes on its node.
 fn export_perm(writable: bool) -> Perm {
     if writable {
@@ -302,7 +324,7 @@ pub async fn add(d: &Daemon, opts: Map<String, Value>, mode: InputMode) -> Resul
     ex.check_new_id(&o.id)?;
     let server = ex.server()?.clone();
     let (node, writable) = exportable_node(d, &o).await?;
-    let io = export_runtime(d, o.iothread.as_deref())?;
+    let io = export_runtime(d, single_iothread(&o)?)?;
     let name = nbd.name.clone().unwrap_or_else(|| o.node_name.clone());
     if server.export(&name).is_some() {
         bail!("NBD server already has export named '{name}'");
@@ -322,10 +344,11 @@ pub async fn add(d: &Daemon, opts: Map<String, Value>, mode: InputMode) -> Resul
         io,
         allocation_depth: nbd.allocation_depth.unwrap_or(false),
     })?;
+    let iothreads = iothread_names(&o);
     ex.list.push(Entry {
         id: o.id,
+        iothreads,
         node_name: o.node_name,
-        iothread: o.iothread,
         kind: Kind::Nbd(export),
     });
     Ok(())
@@ -340,7 +363,7 @@ async fn add_fuse(d: &Daemon, o: &BlockExportOptions, f: &BlockExportOptionsFuse
     let mut ex = d.exports.lock().await;
     ex.check_new_id(&o.id)?;
     let (node, writable) = exportable_node(d, o).await?;
-    let io = export_runtime(d, o.iothread.as_deref())?;
+    let io = export_runtime(d, single_iothread(o)?)?;
     let mounted_there = |e: &Entry| match &e.kind {
         Kind::Fuse(x) => !x.is_removed() && x.is_mounted_at(&f.mountpoint),
         Kind::Nbd(_) | Kind::VhostUserBlk(_) => false,
@@ -373,7 +396,7 @@ async fn add_fuse(d: &Daemon, o: &BlockExportOptions, f: &BlockExportOptionsFuse
     ex.list.push(Entry {
         id: o.id.clone(),
         node_name: o.node_name.clone(),
-        iothread: o.iothread.clone(),
+        iothreads: iothread_names(o),
         kind: Kind::Fuse(export),
     });
     Ok(())
@@ -400,7 +423,7 @@ async fn add_vhost_user_blk(
     let mut ex = d.exports.lock().await;
     ex.check_new_id(&o.id)?;
     let (node, writable) = exportable_node(d, o).await?;
-    let io = export_runtime(d, o.iothread.as_deref())?;
+    let rts = vhost_runtimes(d, o)?;
     let mut opts = VhostBlkOptions::new(o.id.clone(), vhost_addr(&v.addr)?);
     opts.writable = writable;
     opts.writethrough = o.writethrough.unwrap_or(false);
@@ -412,20 +435,47 @@ async fn add_vhost_user_blk(
         opts.num_queues = n;
     }
     let perm = export_perm(writable);
-    let backend = BlockBackend::new(
-        node,
-        "an unnamed block device",
-        perm,
-        Perm::ALL & !Perm::RESIZE,
-    )?;
-    let export = VhostUserBlkExport::start(opts, backend.clone(), io)?;
+    // Others may resize the node (block_resize): the device then tells the
+    // guest (notify_resize), as qemu's vhost-user-blk export does.
+    let backend = BlockBackend::new(node, "an unnamed block device", perm, Perm::ALL)?;
+    let export = VhostUserBlkExport::start_on(opts, backend.clone(), rts)?;
     ex.list.push(Entry {
         id: o.id.clone(),
         node_name: o.node_name.clone(),
-        iothread: o.iothread.clone(),
+        iothreads: iothread_names(o),
         kind: Kind::VhostUserBlk(Some((export, backend))),
     });
     Ok(())
+}
+
+/// The runtimes of a vhost-user-blk export's queues: queue `i` runs on
+/// `iothread[i % n]` (`iothread` as a list is a qsd extension), or all on
+/// the main loop.
+fn vhost_runtimes(d: &Daemon, o: &BlockExportOptions) -> Result<Vec<tokio::runtime::Handle>> {
+    let Some(t) = &o.iothread else {
+        return Ok(vec![export_runtime(d, None)?]);
+    };
+    let names = t.names();
+    if names.is_empty() {
+        bail!("iothread must name at least one I/O thread");
+    }
+    names
+        .into_iter()
+        .map(|id| export_runtime(d, Some(id)))
+        .collect()
+}
+
+/// After a node was resized (block_resize): every vhost-user-blk export
+/// whose size changed sends its front-end a config-change message, so the
+/// guest sees the new capacity. Exports of other nodes see no change and
+/// send nothing, so this may be called after any resize.
+pub async fn notify_resize(d: &Daemon) {
+    let ex = d.exports.lock().await;
+    for e in &ex.list {
+        if let Kind::VhostUserBlk(Some((v, _))) = &e.kind {
+            v.resize_notify();
+        }
+    }
 }
 
 /// `block-export-add`.

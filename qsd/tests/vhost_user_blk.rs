@@ -24,6 +24,11 @@ struct Daemon {
 
 impl Daemon {
     fn start(writable: bool) -> Daemon {
+        Daemon::start_with(writable, &[], "")
+    }
+
+    /// With extra arguments before `--export` and extra export options.
+    fn start_with(writable: bool, args: &[&str], export_opts: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("disk.raw");
         let f = std::fs::File::create(&img).unwrap();
@@ -31,6 +36,7 @@ impl Daemon {
         f.write_all_at(&vec![0x5a; 1 << 20], 8 << 20).unwrap();
         let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
         let child = Command::new(env!("CARGO_BIN_EXE_qsd"))
+            .args(args)
             .arg("--blockdev")
             .arg(format!(
                 "driver=file,node-name=disk,filename={}",
@@ -38,9 +44,10 @@ impl Daemon {
             ))
             .arg("--export")
             .arg(format!(
-                "type=vhost-user-blk,id=vb,node-name=disk,addr.type=unix,addr.path={},writable={}",
+                "type=vhost-user-blk,id=vb,node-name=disk,addr.type=unix,addr.path={},writable={}{}",
                 p("vhost.sock"),
-                if writable { "on" } else { "off" }
+                if writable { "on" } else { "off" },
+                export_opts
             ))
             .arg("--chardev")
             .arg(format!(
@@ -141,27 +148,34 @@ impl Qmp {
     }
 }
 
-/// A libblkio front-end with one queue and a 1 MiB buffer.
+/// A libblkio front-end with one queue (plus `extra`) and a 1 MiB buffer.
 struct Client {
-    _b: Blkio,
+    b: Blkio,
     q: Blkioq,
+    extra: Vec<Blkioq>,
     buf: *mut u8,
 }
 
 impl Client {
     fn connect(sock: &Path, read_only: bool) -> Client {
+        Client::connect_queues(sock, read_only, 1)
+    }
+
+    fn connect_queues(sock: &Path, read_only: bool, n: i32) -> Client {
         let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
         b.set_str("path", sock.to_str().unwrap()).unwrap();
         b.set_bool("read-only", read_only).unwrap();
         b.connect().unwrap();
+        b.set_i32("num-queues", n).unwrap();
         let mut out = b.start().unwrap();
         let q = out.queues.remove(0);
         let mr = b.alloc_mem_region(BUF).unwrap();
         b.map_mem_region(&mr).unwrap();
         Client {
             buf: mr.addr as *mut u8,
-            _b: b,
+            b,
             q,
+            extra: out.queues,
         }
     }
 
@@ -172,11 +186,22 @@ impl Client {
     }
 
     fn done(&mut self) -> i32 {
-        let mut c = [MaybeUninit::<Completion>::uninit()];
-        while self.q.do_io(&mut c, 1, None, None).unwrap() == 0 {}
-        // SAFETY: do_io returned one initialised completion.
-        unsafe { c[0].assume_init_read() }.ret
+        done_on(&mut self.q)
     }
+}
+
+/// Wait for one completion on `q`.
+fn done_on(q: &mut Blkioq) -> i32 {
+    let mut c = [MaybeUninit::<Completion>::uninit()];
+    while q.do_io(&mut c, 1, None, None).unwrap() == 0 {}
+    // SAFETY: do_io returned one initialised completion.
+    unsafe { c[0].assume_init_read() }.ret
+}
+
+/// CPU time (ns) a thread of process `pid` has run.
+fn thread_cpu_ns(pid: u32, tid: u64) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).unwrap();
+    s.split_whitespace().next().unwrap().parse().unwrap()
 }
 
 #[test]
@@ -237,4 +262,76 @@ fn test_vhost_user_blk_read_only_export_refuses_writes_and_stops_on_sigterm() {
     assert!(d.image(0, 4096).iter().all(|&x| x == 0));
     drop(c);
     assert_eq!(d.stop(), 0, "SIGTERM exits cleanly");
+}
+
+#[test]
+fn test_vhost_user_blk_block_resize_shows_new_capacity() {
+    let d = Daemon::start(true);
+    let c = Client::connect(&d.path("vhost.sock"), false);
+    assert_eq!(c.b.get_u64("capacity").unwrap(), IMG_LEN);
+    let mut qmp = Qmp::connect(&d.path("qmp.sock"));
+    let r = qmp.cmd(
+        "block_resize",
+        json!({"node-name": "disk", "size": 2 * IMG_LEN}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    assert_eq!(c.b.get_u64("capacity").unwrap(), 2 * IMG_LEN);
+    drop(c);
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn test_vhost_user_blk_iothread_list_spreads_queues() {
+    let d = Daemon::start_with(
+        true,
+        &["--object", "iothread,id=t0", "--object", "iothread,id=t1"],
+        ",num-queues=2,iothread.0=t0,iothread.1=t1",
+    );
+    let mut qmp = Qmp::connect(&d.path("qmp.sock"));
+    let threads = qmp.cmd("query-iothreads", json!({}));
+    let tids: Vec<u64> = ["t0", "t1"]
+        .iter()
+        .map(|id| {
+            threads["return"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["id"] == *id)
+                .unwrap()["thread-id"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    let pid = d.child.id();
+    let mut c = Client::connect_queues(&d.path("vhost.sock"), false, 2);
+    let before: Vec<u64> = tids.iter().map(|&t| thread_cpu_ns(pid, t)).collect();
+    let buf = c.buf;
+    for i in 0..2000u64 {
+        let off = (i % 256) * 4096;
+        c.q.read(off, buf, 4096, i as usize, ReqFlags::empty());
+        assert_eq!(c.done(), 0);
+        let q1 = &mut c.extra[0];
+        q1.read(
+            off,
+            buf.wrapping_add(4096),
+            4096,
+            i as usize,
+            ReqFlags::empty(),
+        );
+        assert_eq!(done_on(q1), 0);
+    }
+    let used: Vec<u64> = tids
+        .iter()
+        .zip(&before)
+        .map(|(&t, b)| thread_cpu_ns(pid, t) - b)
+        .collect();
+    assert!(
+        used.iter().all(|&ns| ns > 1_000_000),
+        "both I/O threads serve requests: {used:?} ns"
+    );
+    // An I/O thread in use by the export cannot be deleted.
+    let r = qmp.cmd("object-del", json!({"id": "t1"}));
+    assert!(r.get("error").is_some(), "{r}");
+    drop(c);
+    assert_eq!(d.stop(), 0);
 }

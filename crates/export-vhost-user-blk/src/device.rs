@@ -10,14 +10,15 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use crate::config::{self, ConfigInputs};
-use crate::request::{execute, Chain};
+use crate::inflight::{InflightQueue, InflightRegion};
+use crate::request::{execute, walk_chain, Chain, ChainError};
 use crate::Shared;
 
 pub(crate) type Mem = GuestMemoryMmap<()>;
@@ -72,8 +73,9 @@ type Popped = (Arc<Mem>, Vec<DescriptorChain<Arc<Mem>>>);
 /// covers them: the map is taken after reading the avail index, and only
 /// the chains published by then are popped. (A front-end adds a memory
 /// region, which the backend crate applies to `gm` in place before acking,
-/// before it publishes requests that use it.)
-fn pop_available(vring: &Vring, gm: &Gm) -> io::Result<Popped> {
+/// before it publishes requests that use it.) With inflight tracking, each
+/// chain is marked in flight before its request can start.
+fn pop_available(vring: &Vring, gm: &Gm, track: &Mutex<Track>) -> io::Result<Popped> {
     let mut st = vring.get_mut();
     let q = st.get_queue_mut();
     let avail = q
@@ -81,10 +83,27 @@ fn pop_available(vring: &Vring, gm: &Gm) -> io::Result<Popped> {
         .map_err(queue_err)?;
     let n = (avail - std::num::Wrapping(q.next_avail())).0;
     let mem = gm.memory().into_inner();
-    let chains = (0..n)
+    let chains: Vec<_> = (0..n)
         .map_while(|_| q.pop_descriptor_chain(Arc::clone(&mem)))
         .collect();
+    let mut t = track.lock().unwrap_or_else(PoisonError::into_inner);
+    let Track { region, counter } = &mut *t;
+    if let Some(r) = region {
+        for c in &chains {
+            r.mark(c.head_index(), *counter);
+            *counter = counter.wrapping_add(1);
+        }
+    }
     Ok((mem, chains))
+}
+
+/// Inflight tracking state of one queue (see `inflight`).
+#[derive(Debug, Default)]
+pub(crate) struct Track {
+    /// The queue's part of the front-end's inflight region, once set.
+    region: Option<InflightQueue>,
+    /// Age of the next chain popped.
+    counter: u64,
 }
 
 /// Per-queue state, shared with the tasks on the queue's runtime.
@@ -97,6 +116,11 @@ pub(crate) struct QueueCtx {
     poll_scheduled: AtomicBool,
     /// A used-ring notification is queued on the runtime.
     signal_pending: AtomicBool,
+    /// Inflight tracking; lock order: the vring, then this.
+    track: Mutex<Track>,
+    /// The ring (re)started with an inflight region: check it for chains to
+    /// resubmit before popping new ones.
+    recover_pending: AtomicBool,
 }
 
 fn queue_err(e: virtio_queue::Error) -> io::Error {
@@ -108,14 +132,18 @@ impl QueueCtx {
     /// queue's runtime, so requests start and complete without crossing
     /// threads.
     pub(crate) fn process(self: &Arc<Self>, vring: &Vring, gm: &Gm) -> io::Result<()> {
+        if self.recover_pending.swap(false, Ordering::AcqRel) {
+            self.recover(vring, gm)?;
+        }
         loop {
             let event_idx = self.event_idx.load(Ordering::Acquire);
             if event_idx {
                 vring.disable_notification().map_err(queue_err)?;
             }
-            let (mem, chains) = pop_available(vring, gm)?;
+            let (mem, chains) = pop_available(vring, gm, &self.track)?;
             for c in chains {
-                self.submit(vring, Arc::clone(&mem), c);
+                let head = c.head_index();
+                self.submit(vring, Arc::clone(&mem), head, Chain::from_descriptors(c));
             }
             if !event_idx || !vring.enable_notification().map_err(queue_err)? {
                 return Ok(());
@@ -123,10 +151,57 @@ impl QueueCtx {
         }
     }
 
-    fn submit(self: &Arc<Self>, vring: &Vring, mem: Arc<Mem>, chain: DescriptorChain<Arc<Mem>>) {
-        let head = chain.head_index();
+    /// The ring started with an inflight region: position the ring after
+    /// the chains a previous back-end left in flight and resubmit those,
+    /// oldest first, before anything new is popped.
+    fn recover(self: &Arc<Self>, vring: &Vring, gm: &Gm) -> io::Result<()> {
+        let mem = gm.memory().into_inner();
+        let (table, size, resubmit) = {
+            let mut st = vring.get_mut();
+            let mut t = self.track.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(region) = t.region.clone() else {
+                return Ok(());
+            };
+            let q = st.get_queue_mut();
+            let used = q.used_idx(&*mem, Ordering::Acquire).map_err(queue_err)?.0;
+            let rec = region.recover(used);
+            tracing::debug!(export = %self.shared.id, used, ?rec, "vhost-user-blk: ring starts with an inflight region");
+            t.counter = rec.next_counter;
+            if let Some(avail) = rec.last_avail {
+                q.set_next_avail(avail);
+                q.set_next_used(used);
+            }
+            (GuestAddress(q.desc_table()), q.size(), rec.resubmit)
+        };
+        // Chains the previous back-end completed after the front-end lost
+        // it may never have been signalled: tell the driver to look.
+        if let Err(e) = vring.signal_used_queue() {
+            tracing::debug!("vhost-user-blk: signal failed: {e}");
+        }
+        if !resubmit.is_empty() {
+            tracing::info!(export = %self.shared.id, "vhost-user-blk: resubmitting {} requests left in flight", resubmit.len());
+        }
+        for head in resubmit {
+            let parsed = if head < size {
+                walk_chain(&*mem, table, size, head)
+                    .and_then(|d| Chain::from_descriptors(d.into_iter()))
+            } else {
+                Err(ChainError::Malformed)
+            };
+            self.submit(vring, Arc::clone(&mem), head, parsed);
+        }
+        Ok(())
+    }
+
+    fn submit(
+        self: &Arc<Self>,
+        vring: &Vring,
+        mem: Arc<Mem>,
+        head: u16,
+        parsed: Result<Chain, ChainError>,
+    ) {
         self.inflight.begin();
-        let parsed = match Chain::from_descriptors(chain) {
+        let parsed = match parsed {
             Ok(c) => c,
             Err(e) => {
                 // No usable status byte: return the buffer with nothing written.
@@ -150,10 +225,24 @@ impl QueueCtx {
         });
     }
 
+    /// Put `head` on the used ring, keeping the inflight region's order:
+    /// remember the head, update the ring, then clear the mark.
+    fn add_used(&self, vring: &Vring, head: u16, len: u32) -> Result<(), virtio_queue::Error> {
+        let mut st = vring.get_mut();
+        let t = self.track.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(r) = &t.region else {
+            return st.add_used(head, len);
+        };
+        r.pre_put(head);
+        st.add_used(head, len)?;
+        r.post_put(head, st.get_queue().next_used());
+        Ok(())
+    }
+
     /// Put a chain on the used ring; the driver is notified once for all
     /// the requests that complete in the same runtime tick.
     fn complete(self: &Arc<Self>, vring: &Vring, head: u16, len: u32) {
-        if let Err(e) = vring.add_used(head, len) {
+        if let Err(e) = self.add_used(vring, head, len) {
             tracing::warn!(export = %self.shared.id, "vhost-user-blk: cannot complete request: {e}");
             return;
         }
@@ -204,6 +293,8 @@ impl BlkDevice {
                     event_idx: AtomicBool::new(false),
                     poll_scheduled: AtomicBool::new(false),
                     signal_pending: AtomicBool::new(false),
+                    track: Mutex::new(Track::default()),
+                    recover_pending: AtomicBool::new(false),
                 })
             })
             .collect();
@@ -219,6 +310,33 @@ impl BlkDevice {
         self.queues
             .iter()
             .all(|q| q.inflight.wait_idle(DRAIN_TIMEOUT))
+    }
+
+    /// SET_INFLIGHT_FD: track the queues the region covers.
+    pub(crate) fn set_inflight(&self, region: &Arc<InflightRegion>) {
+        for (i, q) in self.queues.iter().enumerate() {
+            let mut t = q.track.lock().unwrap_or_else(PoisonError::into_inner);
+            t.region = u16::try_from(i).ok().and_then(|i| region.queue(i));
+            t.counter = 0;
+        }
+    }
+
+    /// SET_VRING_KICK for queue `index`: the ring (re)starts. True when it
+    /// tracks inflight chains: the first pass then resubmits the ones a
+    /// previous back-end left, and the caller kicks the ring so that pass
+    /// happens even if the driver is only waiting for those.
+    pub(crate) fn ring_starting(&self, index: usize) -> bool {
+        let Some(q) = self.queues.get(index) else {
+            return false;
+        };
+        let tracked = q
+            .track
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .region
+            .is_some();
+        q.recover_pending.store(tracked, Ordering::Release);
+        tracked
     }
 
     /// A kick: queue one pass over the ring on the queue's runtime.
@@ -264,13 +382,14 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        // TODO(#6): INFLIGHT_SHMFD (resubmission after a daemon restart) and
-        // BACKEND_REQ (config-change notification) need message handling the
-        // rust-vmm backend crate does not have.
+        // INFLIGHT_SHMFD and BACKEND_REQ are handled by the relay in front
+        // of the backend crate (relay.rs), which never sees those messages.
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -51,6 +51,8 @@ pub(crate) enum ChainError {
     NoStatus,
     /// Too much data.
     TooLarge,
+    /// A descriptor index, indirect table or loop the ring cannot hold.
+    Malformed,
 }
 
 impl Chain {
@@ -109,6 +111,48 @@ impl Chain {
 
 fn total(segs: &[Seg]) -> u64 {
     segs.iter().map(|s| u64::from(s.len)).sum()
+}
+
+const F_NEXT: u16 = 1;
+const F_INDIRECT: u16 = 4;
+
+/// The descriptors of the chain starting at `head` in the descriptor table
+/// at `table` (of `size` entries), following NEXT links and an indirect
+/// table, read through guest memory. Used to resubmit a chain a previous
+/// back-end popped (virtio-queue only builds chains while popping).
+pub(crate) fn walk_chain<M: GuestMemory>(
+    mem: &M,
+    table: GuestAddress,
+    size: u16,
+    head: u16,
+) -> Result<Vec<Descriptor>, ChainError> {
+    let (mut tbl, mut len, mut idx) = (table, size, head);
+    let mut indirect = false;
+    let mut out = Vec::new();
+    loop {
+        // A chain visits each entry of its table at most once.
+        if idx >= len || out.len() >= usize::from(len) {
+            return Err(ChainError::Malformed);
+        }
+        let at = tbl
+            .checked_add(16 * u64::from(idx))
+            .ok_or(ChainError::Malformed)?;
+        let d: Descriptor = mem.read_obj(at).map_err(|_| ChainError::Malformed)?;
+        if d.flags() & F_INDIRECT != 0 {
+            let n = d.len() / 16;
+            if indirect || !d.len().is_multiple_of(16) || n == 0 || n > u32::from(u16::MAX) {
+                return Err(ChainError::Malformed);
+            }
+            (tbl, len, idx, indirect) = (d.addr(), n as u16, 0, true);
+            out.clear();
+            continue;
+        }
+        out.push(d);
+        if d.flags() & F_NEXT == 0 {
+            return Ok(out);
+        }
+        idx = d.next();
+    }
 }
 
 /// Copy `out.len()` bytes from the segments, skipping the first `skip` bytes.
@@ -384,6 +428,71 @@ mod tests {
     fn test_chain_oversize_is_rejected() {
         let d = (0..20).map(|i| Descriptor::new(0x1000 * i, u32::MAX / 8, WRITE, 0));
         assert_eq!(Chain::from_descriptors(d), Err(ChainError::TooLarge));
+    }
+
+    fn table(mem: &GuestMemoryMmap<()>, at: u64, descs: &[Descriptor]) {
+        for (i, d) in descs.iter().enumerate() {
+            mem.write_obj(*d, GuestAddress(at + 16 * i as u64)).unwrap();
+        }
+    }
+
+    #[test]
+    fn test_walk_chain_follows_next_and_indirect() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        table(
+            &mem,
+            0,
+            &[
+                Descriptor::new(0x1000, 16, 1, 2),
+                Descriptor::new(0x3000, 48, 4, 0),
+                Descriptor::new(0x2000, 1, WRITE, 0),
+            ],
+        );
+        table(
+            &mem,
+            0x3000,
+            &[
+                Descriptor::new(0x4000, 16, 1, 1),
+                Descriptor::new(0x5000, 512, WRITE | 1, 2),
+                Descriptor::new(0x6000, 1, WRITE, 0),
+            ],
+        );
+        let c = walk_chain(&mem, GuestAddress(0), 4, 0).unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[1].addr(), GuestAddress(0x2000));
+        let c = walk_chain(&mem, GuestAddress(0), 4, 1).unwrap();
+        assert_eq!(c.len(), 3);
+        assert_eq!(c[2].addr(), GuestAddress(0x6000));
+    }
+
+    #[test]
+    fn test_walk_chain_loop_or_bad_index_is_malformed() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        table(
+            &mem,
+            0,
+            &[
+                Descriptor::new(0x100, 16, 1, 1),
+                Descriptor::new(0x200, 16, 1, 0),
+                Descriptor::new(0x300, 16, 1, 9),
+            ],
+        );
+        assert_eq!(
+            walk_chain(&mem, GuestAddress(0), 3, 0).err(),
+            Some(ChainError::Malformed)
+        );
+        assert_eq!(
+            walk_chain(&mem, GuestAddress(0), 3, 2).err(),
+            Some(ChainError::Malformed)
+        );
+        assert_eq!(
+            walk_chain(&mem, GuestAddress(0), 3, 3).err(),
+            Some(ChainError::Malformed)
+        );
+        assert_eq!(
+            walk_chain(&mem, GuestAddress(0xff8), 3, 0).err(),
+            Some(ChainError::Malformed)
+        );
     }
 
     #[test]

@@ -54,6 +54,43 @@ impl<'de> Deserialize<'de> for BlockDirtyBitmapOrStr {
     }
 }
 
+/// `iothread` of an export: qemu's single I/O thread name, or (a qsd
+/// extension, `iothread.0=a,iothread.1=b` on the command line) a list of
+/// threads over which a multiqueue export spreads its queues.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum BlockExportIothread {
+    Single(String),
+    List(Vec<String>),
+}
+
+impl BlockExportIothread {
+    /// The thread names, in order.
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            BlockExportIothread::Single(s) => vec![s.as_str()],
+            BlockExportIothread::List(l) => l.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BlockExportIothread {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Raw::deserialize(d)?;
+        match &raw.value {
+            Value::String(s) => Ok(BlockExportIothread::Single(s.clone())),
+            Value::Array(_) => raw
+                .parse()
+                .map(BlockExportIothread::List)
+                .map_err(D::Error::custom),
+            _ => Err(D::Error::custom(format!(
+                "Invalid parameter type for '{}', expected: string",
+                raw.name()
+            ))),
+        }
+    }
+}
+
 /// The `nbd` variant of `block-export-add`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -137,7 +174,7 @@ pub struct BlockExportOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fixed_iothread: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub iothread: Option<String>,
+    pub iothread: Option<BlockExportIothread>,
     pub node_name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub writable: Option<bool>,
@@ -158,7 +195,7 @@ struct BlockExportBase {
     #[serde(default)]
     fixed_iothread: Option<bool>,
     #[serde(default)]
-    iothread: Option<String>,
+    iothread: Option<BlockExportIothread>,
     node_name: String,
     #[serde(default)]
     writable: Option<bool>,

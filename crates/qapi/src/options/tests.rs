@@ -56,6 +56,36 @@ fn test_split_blockdev_bad_values_rejected() {
 }
 
 #[test]
+fn test_block_export_iothread_string_or_list() {
+    let e: BlockExportOptions = opt(
+        "vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path=/s,iothread=t0",
+        Some("type"),
+    )
+    .unwrap();
+    assert_eq!(
+        e.iothread,
+        Some(BlockExportIothread::Single("t0".to_string()))
+    );
+    let e: BlockExportOptions = opt(
+        "vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path=/s,iothread.0=t0,iothread.1=t1",
+        Some("type"),
+    )
+    .unwrap();
+    assert_eq!(
+        e.iothread.as_ref().map(|t| t.names()),
+        Some(vec!["t0", "t1"])
+    );
+    let e = qmp::<BlockExportOptions>(json!({"type": "vhost-user-blk", "id": "e",
+        "node-name": "n", "addr": {"type": "unix", "path": "/s"}, "iothread": ["a", "b"]}))
+    .unwrap();
+    assert_eq!(e.iothread.as_ref().map(|t| t.names()), Some(vec!["a", "b"]));
+    let err = qmp::<BlockExportOptions>(json!({"type": "nbd", "id": "e",
+        "node-name": "n", "iothread": 1}))
+    .unwrap_err();
+    assert!(err.to_string().contains("iothread"), "{err}");
+}
+
+#[test]
 fn test_block_export_nbd_keyval_parsed() {
     let e: BlockExportOptions = opt(
         "nbd,id=e,node-name=n,writable=on,bitmaps.0=b1,bitmaps.1.node=x,bitmaps.1.name=y",
