@@ -133,7 +133,8 @@ qsd: a storage daemon compatible with qemu-storage-daemon
              [,force-share=on|off][,detect-zeroes=on|off|unmap]
              [,driver specific parameters...]
                          configure a block backend
-                         (drivers: file, host_device, raw, null-co, null-aio)
+                         (drivers: file, host_device, raw, qcow2, luks, null-co,
+                         null-aio, throttle, quorum, blkdebug, blkverify, compress)
 
   --chardev socket,id=<id>,path=<path>|host=<host>,port=<port>|fd=<fd>
             [,server=on][,wait=off]

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::daemon::{Daemon, StopReason};
-use crate::{exports, objects, query};
+use crate::{exports, objects, qom, query};
 
 /// Every command we answer (besides `qmp_capabilities`, handled by the
 /// monitor itself but listed here too, as qemu lists it).
@@ -30,6 +30,8 @@ pub const COMMANDS: &[&str] = &[
     "object-add",
     "object-del",
     "qmp_capabilities",
+    "qom-get",
+    "qom-set",
     "query-block",
     "query-block-exports",
     "query-blockstats",
@@ -39,10 +41,17 @@ pub const COMMANDS: &[&str] = &[
     "query-qmp-schema",
     "query-version",
     "quit",
+    "x-blockdev-change",
 ];
 
 /// Every event we may emit.
-pub const EVENTS: &[&str] = &["BLOCK_EXPORT_DELETED", "BLOCK_IMAGE_CORRUPTED", "SHUTDOWN"];
+pub const EVENTS: &[&str] = &[
+    "BLOCK_EXPORT_DELETED",
+    "BLOCK_IMAGE_CORRUPTED",
+    "QUORUM_FAILURE",
+    "QUORUM_REPORT_BAD",
+    "SHUTDOWN",
+];
 
 /// The dispatcher the monitors call.
 #[derive(Debug, Clone)]
@@ -67,7 +76,7 @@ pub fn generic(e: impl std::fmt::Display) -> QmpError {
     QmpError::generic(format!("{e:#}"))
 }
 
-fn parse<T: DeserializeOwned>(args: Map<String, Value>) -> Result<T, QmpError> {
+pub(crate) fn parse<T: DeserializeOwned>(args: Map<String, Value>) -> Result<T, QmpError> {
     qsd_qapi::from_value(&Value::Object(args), InputMode::Qmp).map_err(generic)
 }
 
@@ -87,6 +96,7 @@ async fn run(d: &Arc<Daemon>, name: &str, args: Map<String, Value>) -> CmdResult
             no_args(args).map(|()| qsd_qapi::schema::qmp_schema(COMMANDS, EVENTS))
         }
         "quit" => quit(d, args),
+        "x-blockdev-change" => crate::blockdev_change::qmp_x_blockdev_change(d, args).await,
         "blockdev-add" => blockdev_add(d, args).await,
         "blockdev-del" => blockdev_del(d, args).await,
         "query-named-block-nodes" => query_named_block_nodes(d, args).await,
@@ -96,6 +106,8 @@ async fn run(d: &Arc<Daemon>, name: &str, args: Map<String, Value>) -> CmdResult
         "object-add" => object_add(d, args).await,
         "object-del" => object_del(d, args).await,
         "query-iothreads" => no_args(args).map(|()| d.iothreads().query()),
+        "qom-get" => qom::qmp_qom_get(d, args),
+        "qom-set" => qom::qmp_qom_set(d, args),
         "nbd-server-start" => exports::qmp_nbd_server_start(d, args).await,
         "nbd-server-stop" => exports::qmp_nbd_server_stop(d, args).await,
         "nbd-server-add" => exports::qmp_nbd_server_add(d, args).await,
@@ -181,11 +193,14 @@ async fn block_resize(d: &Daemon, args: Map<String, Value>) -> CmdResult {
     let blk = BlockBackend::new(node, "an unnamed block device", Perm::RESIZE, Perm::ALL)
         .map_err(generic)?;
     blk.truncate(a.size as u64).await.map_err(generic)?;
+    drop(blk);
+    exports::notify_resize(d).await;
     Ok(json!({}))
 }
 
 async fn object_add(d: &Daemon, args: Map<String, Value>) -> CmdResult {
-    objects::add(&mut d.iothreads(), &d.secrets, args, InputMode::Qmp).map_err(generic)?;
+    d.object_tables(|t| objects::add(t, args, InputMode::Qmp))
+        .map_err(generic)?;
     Ok(json!({}))
 }
 
@@ -198,6 +213,7 @@ struct IdArg {
 async fn object_del(d: &Daemon, args: Map<String, Value>) -> CmdResult {
     let a: IdArg = parse(args)?;
     let in_use = d.exports.lock().await.uses_iothread(&a.id);
-    objects::del(&mut d.iothreads(), &d.secrets, &a.id, in_use).map_err(generic)?;
+    d.object_tables(|t| objects::del(t, &a.id, in_use))
+        .map_err(generic)?;
     Ok(json!({}))
 }

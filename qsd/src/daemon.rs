@@ -44,6 +44,8 @@ pub struct Daemon {
     pub events: EventBus,
     /// `secret` objects (shared with the graph, where drivers look them up).
     pub secrets: qsd_block::SecretStore,
+    /// Objects drivers look up, such as throttle groups (shared with the graph).
+    pub objects: qsd_block::ObjectStore,
     stop: watch::Sender<StopReason>,
     /// Unix socket paths we bound, removed at exit.
     sockets: Mutex<Vec<String>>,
@@ -64,8 +66,10 @@ impl Daemon {
             bus.emit(name, data);
         }));
         let secrets = graph.secrets().clone();
+        let objects = graph.objects().clone();
         Daemon {
             secrets,
+            objects,
             graph: tokio::sync::Mutex::new(graph),
             exports: tokio::sync::Mutex::new(Exports::default()),
             iothreads: Mutex::new(IoThreads::default()),
@@ -118,6 +122,16 @@ impl Daemon {
         {
             let _ = std::fs::remove_file(p);
         }
+    }
+
+    /// The object tables for `objects::add`/`del`, with the I/O threads locked.
+    pub fn object_tables<R>(&self, f: impl FnOnce(crate::objects::Tables<'_>) -> R) -> R {
+        let mut threads = self.iothreads();
+        f(crate::objects::Tables {
+            threads: &mut threads,
+            secrets: &self.secrets,
+            objects: &self.objects,
+        })
     }
 
     /// The I/O threads (poison-tolerant).

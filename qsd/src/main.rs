@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+mod blockdev_change;
 mod chardev;
 mod cli;
 mod commands;
@@ -13,6 +14,7 @@ mod daemon;
 mod daemonize;
 mod exports;
 mod objects;
+mod qom;
 mod query;
 mod setup;
 

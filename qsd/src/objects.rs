@@ -1,15 +1,16 @@
-//! `--object` / `object-add` / `object-del`: `iothread`, `secret` and
-//! `secret_keyring`; other qemu object types are refused with a clear
-//! message.
+//! `--object` / `object-add` / `object-del`: `iothread`, `secret`,
+//! `secret_keyring` and `throttle-group`; other qemu object types are
+//! refused with a clear message. Ids are one namespace (qemu's /objects).
 
 use std::collections::BTreeMap;
 
 use anyhow::{anyhow, bail, Result};
-use qsd_block::SecretStore;
+use qsd_block::{ObjectStore, SecretStore};
 use qsd_luks::secret::{decode_secret, SecretFormat};
 use qsd_qapi::options::{IothreadProps, ObjectAddArgs};
 use qsd_qapi::{InputMode, Raw};
 use qsd_rt::IoThread;
+use qsd_throttle::{ThrottleConfig, ThrottleGroup, ThrottleGroupProps};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use zeroize::Zeroizing;
@@ -42,6 +43,23 @@ impl IoThreads {
             })
             .collect();
         Value::Array(list)
+    }
+
+    /// The properties thread `id` was created with (for `qom-get`).
+    pub fn props(&self, id: &str) -> Option<IothreadProps> {
+        self.threads.get(id).map(|(_, p)| *p)
+    }
+
+    /// Replace the recorded properties of thread `id` (`qom-set`); false
+    /// if there is no such thread.
+    pub fn set_props(&mut self, id: &str, props: IothreadProps) -> bool {
+        match self.threads.get_mut(id) {
+            Some((_, p)) => {
+                *p = props;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Stop every thread (daemon shutdown).
@@ -179,18 +197,65 @@ fn read_error(path: &str, e: &std::io::Error) -> String {
     format!("Failed to open file \u{201c}{path}\u{201d}: {why}")
 }
 
-/// Object ids are one namespace, whatever the type (qemu's /objects).
-fn id_taken(threads: &IoThreads, secrets: &SecretStore, id: &str) -> bool {
-    threads.threads.contains_key(id) || secrets.contains(id)
+/// The daemon's object tables, which share one id namespace.
+#[derive(Debug)]
+pub struct Tables<'a> {
+    /// `iothread` objects.
+    pub threads: &'a mut IoThreads,
+    /// `secret` and `secret_keyring` objects.
+    pub secrets: &'a SecretStore,
+    /// Objects drivers look up (`throttle-group`).
+    pub objects: &'a ObjectStore,
+}
+
+impl Tables<'_> {
+    /// Object ids are one namespace, whatever the type (qemu's /objects).
+    fn id_taken(&self, id: &str) -> bool {
+        self.threads.threads.contains_key(id)
+            || self.secrets.contains(id)
+            || self.objects.contains(id)
+    }
+}
+
+/// The QOM type of object `id`, if it exists. Secrets do not remember
+/// whether they came from the keyring and report `secret`.
+pub fn qom_type(
+    threads: &IoThreads,
+    secrets: &SecretStore,
+    objects: &ObjectStore,
+    id: &str,
+) -> Option<&'static str> {
+    if threads.threads.contains_key(id) {
+        Some("iothread")
+    } else if secrets.contains(id) {
+        Some("secret")
+    } else {
+        objects.qom_type(id)
+    }
+}
+
+/// A new `throttle-group` in qemu's order of checks: property values
+/// (and `limits`, which qemu validates when it is set), then the id, then
+/// the whole configuration.
+fn add_throttle_group(t: &Tables<'_>, id: &str, props: &ThrottleGroupProps) -> Result<()> {
+    let mut cfg = ThrottleConfig::default();
+    for (name, v) in props.x_entries() {
+        cfg.set_x_property(name, v)?;
+    }
+    if let Some(l) = &props.limits {
+        cfg.apply_limits(l)?;
+    }
+    if t.id_taken(id) {
+        bail!("attempt to add duplicate property '{id}' to object (type 'container')");
+    }
+    cfg.validate()?;
+    t.objects
+        .insert(id, qsd_throttle::QOM_TYPE, ThrottleGroup::with_config(cfg))
+        .map_err(|e| anyhow!("{}", e.message()))
 }
 
 /// Create an object from `object-add` arguments or `--object` options.
-pub fn add(
-    threads: &mut IoThreads,
-    secrets: &SecretStore,
-    args: Map<String, Value>,
-    mode: InputMode,
-) -> Result<()> {
+pub fn add(t: Tables<'_>, args: Map<String, Value>, mode: InputMode) -> Result<()> {
     let args = ObjectAddArgs::from_raw(&Raw::new(Value::Object(args), mode))?;
     let id = args.id.clone();
     let duplicate =
@@ -198,55 +263,59 @@ pub fn add(
     match args.qom_type.as_str() {
         "iothread" => {
             let props: IothreadProps = args.props()?;
-            if id_taken(threads, secrets, &id) {
+            if t.id_taken(&id) {
                 return Err(duplicate());
             }
-            let t =
+            let thread =
                 IoThread::spawn(&id).map_err(|e| anyhow!("cannot start iothread '{id}': {e}"))?;
-            threads.threads.insert(id, (t, props));
+            t.threads.threads.insert(id, (thread, props));
             Ok(())
         }
         "secret" => {
             let props: SecretProps = args.props()?;
-            let bytes = secret_bytes(secrets, &props)?;
-            if id_taken(threads, secrets, &id) {
+            let bytes = secret_bytes(t.secrets, &props)?;
+            if t.id_taken(&id) {
                 return Err(duplicate());
             }
-            secrets
+            t.secrets
                 .insert(&id, bytes)
                 .map_err(|e| anyhow!("{}", e.message()))
         }
         "secret_keyring" => {
             let props: SecretKeyringProps = args.props()?;
-            let bytes = keyring_secret_bytes(secrets, &props)?;
-            if id_taken(threads, secrets, &id) {
+            let bytes = keyring_secret_bytes(t.secrets, &props)?;
+            if t.id_taken(&id) {
                 return Err(duplicate());
             }
-            secrets
+            t.secrets
                 .insert(&id, bytes)
                 .map_err(|e| anyhow!("{}", e.message()))
         }
-        t if QEMU_OBJECT_TYPES.contains(&t) => {
-            bail!("object type '{t}' is not supported by qsd yet")
+        "throttle-group" => add_throttle_group(&t, &id, &args.props()?),
+        other if QEMU_OBJECT_TYPES.contains(&other) => {
+            bail!("object type '{other}' is not supported by qsd yet")
         }
-        t => bail!("Parameter 'qom-type' does not accept value '{t}'"),
+        other => bail!("Parameter 'qom-type' does not accept value '{other}'"),
     }
 }
 
-/// Delete an object. An I/O thread still used by an export, or a secret a
-/// node holds, is refused.
-pub fn del(threads: &mut IoThreads, secrets: &SecretStore, id: &str, in_use: bool) -> Result<()> {
-    if secrets.contains(id) {
-        return secrets.remove(id).map_err(|e| anyhow!("{}", e.message()));
+/// Delete an object. An I/O thread still used by an export (`in_use`), or
+/// a secret or throttle group a node holds, is refused.
+pub fn del(t: Tables<'_>, id: &str, in_use: bool) -> Result<()> {
+    if t.secrets.contains(id) {
+        return t.secrets.remove(id).map_err(|e| anyhow!("{}", e.message()));
     }
-    if !threads.threads.contains_key(id) {
+    if t.objects.contains(id) {
+        return t.objects.remove(id).map_err(|e| anyhow!("{}", e.message()));
+    }
+    if !t.threads.threads.contains_key(id) {
         bail!("object '{id}' not found");
     }
     if in_use {
         bail!("object '{id}' is in use and cannot be deleted");
     }
-    if let Some((t, _)) = threads.threads.remove(id) {
-        t.stop();
+    if let Some((thread, _)) = t.threads.threads.remove(id) {
+        thread.stop();
     }
     Ok(())
 }

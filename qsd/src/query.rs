@@ -58,8 +58,20 @@ fn image_info(node: &NodeRef) -> Value {
         let inner = image_info(&backing);
         image["full-backing-filename"] = inner["filename"].clone();
         image["backing-image"] = inner;
+    } else if let Some(filtered) = filtered_child(node) {
+        // qemu shows a filter's child as its backing image, without names.
+        image["backing-image"] = image_info(&filtered);
     }
     image
+}
+
+/// The child of a filter node that qemu's queries treat like a backing
+/// file (only `throttle` for now).
+fn filtered_child(node: &NodeRef) -> Option<NodeRef> {
+    if node.driver().driver_name() != "throttle" {
+        return None;
+    }
+    node.primary_child().cloned()
 }
 
 /// The node's backing child, if it has one.
@@ -73,10 +85,10 @@ fn backing_child(node: &NodeRef) -> Option<NodeRef> {
 /// How many backing files are below `node`.
 fn backing_depth(node: &NodeRef) -> usize {
     let mut depth = 0;
-    let mut cur = backing_child(node);
+    let mut cur = backing_child(node).or_else(|| filtered_child(node));
     while let Some(n) = cur {
         depth += 1;
-        cur = backing_child(&n);
+        cur = backing_child(&n).or_else(|| filtered_child(&n));
     }
     depth
 }
@@ -98,7 +110,44 @@ pub fn node_info(node: &NodeRef) -> Value {
     if let Some(full) = image.get("full-backing-filename") {
         info["backing_file"] = full.clone();
     }
+    throttle_info(node, &mut info);
     info
+}
+
+/// For a `throttle` node, the limits of its group in the members qemu
+/// fills for legacy per-device throttling (qemu itself leaves them 0 for
+/// throttle nodes; showing them is our behaviour).
+fn throttle_info(node: &NodeRef, info: &mut Value) {
+    let driver: &dyn std::any::Any = node.driver();
+    let Some(t) = driver.downcast_ref::<qsd_throttle::ThrottleDriver>() else {
+        return;
+    };
+    let limits = t.group().limits();
+    let members = [
+        ("bps", limits.bps_total),
+        ("bps_rd", limits.bps_read),
+        ("bps_wr", limits.bps_write),
+        ("iops", limits.iops_total),
+        ("iops_rd", limits.iops_read),
+        ("iops_wr", limits.iops_write),
+        ("bps_max", limits.bps_total_max),
+        ("bps_rd_max", limits.bps_read_max),
+        ("bps_wr_max", limits.bps_write_max),
+        ("iops_max", limits.iops_total_max),
+        ("iops_rd_max", limits.iops_read_max),
+        ("iops_wr_max", limits.iops_write_max),
+        ("bps_max_length", limits.bps_total_max_length),
+        ("bps_rd_max_length", limits.bps_read_max_length),
+        ("bps_wr_max_length", limits.bps_write_max_length),
+        ("iops_max_length", limits.iops_total_max_length),
+        ("iops_rd_max_length", limits.iops_read_max_length),
+        ("iops_wr_max_length", limits.iops_write_max_length),
+        ("iops_size", limits.iops_size),
+    ];
+    for (name, v) in members {
+        info[name] = json!(v.unwrap_or(0));
+    }
+    info["group"] = json!(t.group_name());
 }
 
 /// `query-named-block-nodes`: newest node first, as qemu lists them.

@@ -90,7 +90,7 @@ async fn setup_item(d: &Arc<Daemon>, item: &Item) -> Result<()> {
         }
         Item::Object(a) => {
             let (opts, mode) = parse(a, Some("qom-type"))?;
-            objects::add(&mut d.iothreads(), &d.secrets, opts, mode)?;
+            d.object_tables(|t| objects::add(t, opts, mode))?;
         }
         Item::Chardev(a) => {
             let opts = chardev::parse(a)?;

@@ -92,7 +92,11 @@ pub struct Node {
     implicit: bool,
     opts: CommonOptions,
     driver: Box<dyn BlockDriver>,
-    children: Vec<ChildLink>,
+    /// Children by role; a driver may add and remove some at runtime
+    /// (quorum through x-blockdev-change).
+    children: Mutex<Vec<ChildLink>>,
+    /// The child holding the node's data, fixed at open (see `primary_child`).
+    primary: Option<NodeRef>,
     users: Mutex<Users>,
     inflight: Inflight,
     /// End of the highest write that reached this node (query-blockstats).
@@ -121,12 +125,17 @@ impl Node {
         driver: Box<dyn BlockDriver>,
         children: Vec<ChildLink>,
     ) -> NodeRef {
+        let primary = children
+            .iter()
+            .find(|c| c.role == "file" || c.role == "image")
+            .map(|c| c.node.clone());
         Arc::new(Node {
             name,
             implicit,
             opts,
             driver,
-            children,
+            children: Mutex::new(children),
+            primary,
             users: Mutex::new(Users::default()),
             inflight: Inflight::default(),
             wr_highest: AtomicU64::new(0),
@@ -159,18 +168,34 @@ impl Node {
         self.driver.as_ref()
     }
 
-    /// The children.
-    pub fn children(&self) -> &[ChildLink] {
-        &self.children
+    /// The children (a snapshot: drivers may change the list at runtime).
+    pub fn children(&self) -> Vec<ChildLink> {
+        self.children
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Record a child the driver attached at runtime.
+    pub fn add_child(&self, link: ChildLink) {
+        self.children
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(link);
+    }
+
+    /// Forget the child in `role` after the driver detached it.
+    pub fn remove_child(&self, role: &str) {
+        self.children
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|c| c.role != role);
     }
 
     /// The child that holds this node's data (qemu's primary child): the
     /// first child in role `file` or `image`.
     pub fn primary_child(&self) -> Option<&NodeRef> {
-        self.children
-            .iter()
-            .find(|c| c.role == "file" || c.role == "image")
-            .map(|c| &c.node)
+        self.primary.as_ref()
     }
 
     /// Fire debug event `ev` at this node: its driver handles it (blkdebug)

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use nix::libc;
 use qsd_block::perm::UserDesc;
 use qsd_block::{
-    BlockDriver, BlockStatus, BoxFut, DriverFactory, Error, ImageInfo, Limits, NodeRef, OpenCtx,
-    Perm, PermUser, Result, WriteFlags, ZeroFlags,
+    BlockDriver, BlockStatus, BoxFut, DebugEvent, DriverFactory, Error, ImageInfo, Limits, NodeRef,
+    OpenCtx, Perm, PermUser, Result, WriteFlags, ZeroFlags,
 };
 use qsd_rt::IoBuf;
 use serde::Deserialize;
@@ -143,6 +143,7 @@ impl BlockDriver for RawDriver {
     fn read(&self, offset: u64, buf: IoBuf) -> BoxFut<'_, IoBuf> {
         Box::pin(async move {
             let at = self.adjust(offset, buf.len() as u64, false)?;
+            self.child.debug_event(DebugEvent::ReadAio);
             self.child.read(at, buf).await
         })
     }
@@ -150,6 +151,7 @@ impl BlockDriver for RawDriver {
     fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFut<'_, IoBuf> {
         Box::pin(async move {
             let at = self.adjust(offset, buf.len() as u64, true)?;
+            self.child.debug_event(DebugEvent::WriteAio);
             self.child.write(at, buf, flags).await
         })
     }
