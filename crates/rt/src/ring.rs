@@ -84,6 +84,8 @@ pub(crate) struct State {
     pub(crate) closed: bool,
     /// Number of io_uring_enter calls made (for tests and benchmarks).
     pub(crate) enters: u64,
+    /// The ring keeps `IORING_SQ_TASKRUN` up to date (IORING_SETUP_TASKRUN_FLAG).
+    pub(crate) taskrun_flag: bool,
 }
 
 /// Things to do after the mutex is released: wake tasks, drop payloads.
@@ -118,7 +120,7 @@ impl Ring {
         }
         // SAFETY: `raw` is a freshly created descriptor that nothing else owns.
         let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let (uring, defer_taskrun) = build_uring(eventfd.as_raw_fd(), try_defer)?;
+        let (uring, defer_taskrun, taskrun_flag) = build_uring(eventfd.as_raw_fd(), try_defer)?;
         let max_in_kernel = uring.params().cq_entries() as usize;
         let state = State {
             uring,
@@ -130,6 +132,7 @@ impl Ring {
             flush_requested: false,
             closed: false,
             enters: 0,
+            taskrun_flag,
         };
         Ok(Arc::new(Ring {
             state: Mutex::new(state),
@@ -148,6 +151,13 @@ impl Ring {
     #[cfg(test)]
     pub(crate) fn uses_defer_taskrun(&self) -> bool {
         self.defer_taskrun
+    }
+
+    /// True unless the ring's TASKRUN flag says no deferred completion is
+    /// waiting to be posted (then an enter would find nothing to do).
+    fn task_work_pending(&self) -> bool {
+        let mut st = self.lock();
+        !st.taskrun_flag || st.uring.submission().taskrun()
     }
 
     /// Ask the reaper to submit soon (called after pushing an SQE).
@@ -331,13 +341,26 @@ impl Drop for State {
 
 /// Build the ring, preferring `SINGLE_ISSUER | DEFER_TASKRUN` when the kernel
 /// both accepts it and signals the eventfd for deferred completions.
-fn build_uring(eventfd: RawFd, try_defer: bool) -> io::Result<(IoUring, bool)> {
+/// Returns the ring, whether it defers task work, and whether it keeps the
+/// TASKRUN flag.
+fn build_uring(eventfd: RawFd, try_defer: bool) -> io::Result<(IoUring, bool, bool)> {
     let mut b = IoUring::builder();
     b.setup_single_issuer().setup_defer_taskrun();
-    if let Some(ring) = try_defer.then(|| b.build(RING_ENTRIES).ok()).flatten() {
+    // TASKRUN_FLAG lets the reaper see in the SQ flags whether deferred
+    // completions wait for an io_uring_enter (5.19+); without it every
+    // eventfd signal costs an enter.
+    let mut with_flag = b.clone();
+    with_flag.setup_taskrun_flag();
+    let built = try_defer
+        .then(|| match with_flag.build(RING_ENTRIES) {
+            Ok(r) => Some((r, true)),
+            Err(_) => b.build(RING_ENTRIES).ok().map(|r| (r, false)),
+        })
+        .flatten();
+    if let Some((ring, flag)) = built {
         ring.submitter().register_eventfd(eventfd)?;
         if eventfd_sees_deferred(&ring, eventfd) {
-            return Ok((ring, true));
+            return Ok((ring, true, flag));
         }
         tracing::debug!("io_uring DEFER_TASKRUN does not signal the eventfd; not using it");
     }
@@ -345,7 +368,7 @@ fn build_uring(eventfd: RawFd, try_defer: bool) -> io::Result<(IoUring, bool)> {
     // epoll_wait, so completions delivered as task work could wait forever.
     let ring = IoUring::new(RING_ENTRIES)?;
     ring.submitter().register_eventfd(eventfd)?;
-    Ok((ring, false))
+    Ok((ring, false, false))
 }
 
 /// Check on a new `DEFER_TASKRUN` ring that a completion that arrives as task
@@ -493,9 +516,10 @@ pub(crate) async fn reaper(ring: Arc<Ring>) {
         while let Poll::Ready(r) = afd.poll_read_ready(cx) {
             match r {
                 Ok(mut guard) => {
-                    // One read resets the counter; a later signal re-arms the
-                    // edge-triggered registration, so clearing here is safe.
-                    drain_eventfd(ring.eventfd.as_raw_fd());
+                    // The registration is edge-triggered and every signal of
+                    // an eventfd is a new edge, even while its counter is
+                    // not zero: clearing our readiness without reading the
+                    // counter saves a syscall per wake-up.
                     guard.clear_ready();
                     completed = true;
                 }
@@ -506,7 +530,9 @@ pub(crate) async fn reaper(ring: Arc<Ring>) {
             }
         }
         // A DEFER_TASKRUN ring posts completions only inside io_uring_enter.
-        ring.turn(completed && ring.defer_taskrun);
+        // Posting them signals the eventfd once more; the TASKRUN flag (when
+        // the kernel keeps it) tells that wake-up apart from new work.
+        ring.turn(completed && ring.defer_taskrun && ring.task_work_pending());
         Poll::Pending
     })
     .await
