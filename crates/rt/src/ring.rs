@@ -86,6 +86,8 @@ pub(crate) struct State {
     pub(crate) enters: u64,
     /// The ring keeps `IORING_SQ_TASKRUN` up to date (IORING_SETUP_TASKRUN_FLAG).
     pub(crate) taskrun_flag: bool,
+    /// The eventfd registered with the ring (owned by `Ring`).
+    eventfd: RawFd,
 }
 
 /// Things to do after the mutex is released: wake tasks, drop payloads.
@@ -133,6 +135,7 @@ impl Ring {
             closed: false,
             enters: 0,
             taskrun_flag,
+            eventfd: eventfd.as_raw_fd(),
         };
         Ok(Arc::new(Ring {
             state: Mutex::new(state),
@@ -291,7 +294,30 @@ impl State {
         }
     }
 
+    /// Submit and post completions. Completions posted by our own enter
+    /// are reaped right after it, so their eventfd signal would only cause
+    /// a spurious wake-up: it is switched off around the call. Work that
+    /// arrives meanwhile has set IORING_SQ_TASKRUN without a signal, so the
+    /// flag is checked once notifications are back on and the signal is
+    /// then sent by hand. (x86_64 only: there both the kernel's flag update
+    /// and our re-enable are locked instructions, i.e. full barriers, so
+    /// one side always sees the other.)
     fn enter(&mut self, to_submit: u32) -> io::Result<usize> {
+        let quiet = cfg!(target_arch = "x86_64") && self.taskrun_flag;
+        if !quiet {
+            return self.enter_raw(to_submit);
+        }
+        self.uring.completion().disable_eventfd();
+        let r = self.enter_raw(to_submit);
+        self.uring.completion().enable_eventfd();
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        if self.uring.submission().taskrun() {
+            signal_eventfd(self.eventfd);
+        }
+        r
+    }
+
+    fn enter_raw(&mut self, to_submit: u32) -> io::Result<usize> {
         loop {
             self.enters += 1;
             // SAFETY: no argument pointer is passed; the SQEs in the ring refer
@@ -411,6 +437,16 @@ pub(crate) fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
     // SAFETY: `pfd` is a valid pollfd for the duration of the call.
     let r = unsafe { libc::poll(&mut pfd, 1, ms) };
     r > 0 && pfd.revents & libc::POLLIN != 0
+}
+
+/// Add one to the eventfd counter (wakes the reaper).
+fn signal_eventfd(fd: RawFd) {
+    let v: u64 = 1;
+    // SAFETY: writes the 8 bytes of `v`, which is 8 bytes long.
+    let r = unsafe { libc::write(fd, (&v as *const u64).cast(), 8) };
+    if r != 8 {
+        tracing::warn!(error = %io::Error::last_os_error(), "cannot signal the io_uring eventfd");
+    }
 }
 
 /// Reset the eventfd counter; false if it was already zero.
