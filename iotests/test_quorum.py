@@ -174,7 +174,7 @@ def test_blkverify_mode_mirrors_and_fails_read_on_difference(workdir, start_daem
     proc = qio(uri, "read 0 4096", check=False)
     assert "Input/output error" in proc.stdout + proc.stderr
     assert "quorum: offset=0 bytes=4096 contents mismatch at offset 100" in d.stderr()
-    qio(uri, "read -P 0x00 8192 4096")
+    qio(uri, f"read -P {FILL:#04x} 8192 4096")
     mon.cmd("query-version")
 
 

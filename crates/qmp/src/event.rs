@@ -20,6 +20,7 @@ pub const DEFAULT_EVENT_BACKLOG: usize = 4096;
 #[derive(Debug, Clone)]
 pub struct EventBus {
     tx: broadcast::Sender<Arc<Value>>,
+    limited: Arc<crate::ratelimit::Shared>,
 }
 
 impl Default for EventBus {
@@ -37,7 +38,8 @@ impl EventBus {
     /// A bus where a session may fall `capacity` events behind.
     pub fn with_capacity(capacity: usize) -> Self {
         let (tx, _) = broadcast::channel(capacity.max(1));
-        Self { tx }
+        let limited = crate::ratelimit::Shared::new(tx.clone());
+        Self { tx, limited }
     }
 
     /// Emit event `name` now.
@@ -46,9 +48,16 @@ impl EventBus {
     /// then left out, as qemu does for events that have no arguments. Every
     /// event qemu-storage-daemon defines has arguments, so normally `data`
     /// is an object (possibly empty, which is sent as `{}`).
+    /// `QUORUM_REPORT_BAD` and `QUORUM_FAILURE` are rate limited as in
+    /// qemu (see [`crate::ratelimit`]).
     pub fn emit(&self, name: &str, data: Value) {
+        let key = crate::ratelimit::limit_key(name, &data);
         let message = event_message(name, data, SystemTime::now());
         tracing::debug!(event = name, "emitting QMP event");
+        if let Some(key) = key {
+            self.limited.offer(key, Arc::new(message));
+            return;
+        }
         // No receivers is fine: nobody is listening.
         let _ = self.tx.send(Arc::new(message));
     }

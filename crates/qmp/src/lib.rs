@@ -28,6 +28,7 @@ mod event;
 mod lexer;
 mod parser;
 mod protocol;
+mod ratelimit;
 mod server;
 mod session;
 mod streamer;
