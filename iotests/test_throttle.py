@@ -18,6 +18,7 @@ throttling and shows 0).
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import threading
 import time
@@ -390,3 +391,21 @@ def test_throttle_injected_error_reaches_client(workdir, start_daemon):
         assert "read failed: Input/output error" in out.stdout + out.stderr, out.stdout
     assert mon.cmd("query-version")["qemu"]["major"] == 10
     assert [e["id"] for e in mon.cmd("query-block-exports")] == ["exp0"]
+
+
+@pytest.mark.qsd_only
+def test_throttle_stop_lifts_limits_for_queued_requests(workdir, start_daemon):
+    """SIGTERM with 16 requests queued under 1 IOPS: the limits are lifted
+    (as qemu lifts them during a drain), so they are answered at once and
+    the daemon exits instead of serving them one a second. qemu-storage-
+    daemon 10.0.2 keeps waiting here (killed by the harness)."""
+    d, _, (uri,) = start(start_daemon, workdir,
+                         groups=("throttle-group,id=g0,limits.iops-total=1",))
+    bg = Background(uri, runtime=30, iodepth=16)
+    time.sleep(1.5)
+    started = time.monotonic()
+    d.signal(signal.SIGTERM)
+    assert d.wait() == 0
+    # Generous bound: the point is not waiting ~16 s for the queue.
+    assert time.monotonic() - started < 6
+    bg.thread.join()

@@ -620,6 +620,11 @@ async fn stop_vhost(d: &Daemon, id: &str) {
 /// complete first), and wait — bounded — until every export is gone.
 pub async fn shutdown(d: &Arc<Daemon>) {
     type Gone = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+    // Requests held back by throttling go now, so clients are answered and
+    // disconnect without waiting for their turn (never ended: we stop).
+    for node in d.graph.lock().await.nodes() {
+        node.driver().drain_begin();
+    }
     let removed = {
         let mut ex = d.exports.lock().await;
         let removed = ex.nbd.take().map(|s| s.stop()).unwrap_or_default();

@@ -201,6 +201,13 @@ pub trait BlockDriver: std::any::Any + Send + Sync + 'static {
         false
     }
 
+    /// A drain begins: requests the driver holds back (throttling) must go
+    /// now rather than wait, until `drain_end`. Calls nest.
+    fn drain_begin(&self) {}
+
+    /// The drain that `drain_begin` announced is over.
+    fn drain_end(&self) {}
+
     /// Called once before the node is dropped (after a drain).
     fn close(&self) -> BoxFut<'_, ()> {
         Box::pin(async { Ok(()) })

@@ -350,8 +350,32 @@ impl Node {
 
     // ---- data plane ----
 
-    /// Wait until no request is in flight on this node.
+    /// Wait until no request is in flight on this node. Drivers in this
+    /// node's subtree release requests they hold back while it waits.
     pub async fn drain(&self) {
+        self.drain_begin();
+        self.wait_idle().await;
+        self.drain_end();
+    }
+
+    /// Tell this node's driver and its subtree that a drain begins (see
+    /// [`BlockDriver::drain_begin`]); pair with [`Node::drain_end`].
+    pub fn drain_begin(&self) {
+        self.driver.drain_begin();
+        for c in self.children() {
+            c.node.drain_begin();
+        }
+    }
+
+    /// End what [`Node::drain_begin`] began.
+    pub fn drain_end(&self) {
+        for c in self.children() {
+            c.node.drain_end();
+        }
+        self.driver.drain_end();
+    }
+
+    async fn wait_idle(&self) {
         loop {
             let idle = self.inflight.idle.notified();
             if self.in_flight() == 0 {

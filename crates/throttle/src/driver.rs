@@ -103,6 +103,14 @@ impl BlockDriver for ThrottleDriver {
         "throttle"
     }
 
+    fn drain_begin(&self) {
+        self.member.begin_drain();
+    }
+
+    fn drain_end(&self) {
+        self.member.end_drain();
+    }
+
     fn len(&self) -> u64 {
         self.child.len()
     }

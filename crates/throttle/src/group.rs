@@ -34,6 +34,8 @@ struct Member {
     pending: [usize; 2],
     /// The runtime the member's requests last ran on, for its timers.
     runtime: Option<Handle>,
+    /// Drains in progress (qemu's `io_limits_disabled`): requests go at once.
+    disabled: usize,
 }
 
 /// The armed timer of one direction.
@@ -328,6 +330,10 @@ impl ThrottleGroup {
             if let (Some(m), Ok(h)) = (inner.members.get_mut(&id), Handle::try_current()) {
                 m.runtime = Some(h);
             }
+            if inner.members.get(&id).is_some_and(|m| m.disabled > 0) {
+                inner.ts.account(dir, bytes);
+                return;
+            }
             let must_wait = self.schedule_timer(&mut inner, id, dir);
             let queue = (must_wait || inner.has_pending(id, dir))
                 .then(|| inner.members.get_mut(&id))
@@ -401,6 +407,29 @@ impl GroupMember {
     /// The group.
     pub fn group(&self) -> &Arc<ThrottleGroup> {
         &self.group
+    }
+
+    /// A drain of the member's node begins: its queued requests go now, and
+    /// new ones do not wait, until [`GroupMember::end_drain`]. Nests.
+    pub fn begin_drain(&self) {
+        let mut inner = self.group.lock();
+        let Some(m) = inner.members.get_mut(&self.id) else {
+            return;
+        };
+        m.disabled += 1;
+        for q in &mut m.queues {
+            for tx in q.drain(..) {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    /// The drain is over: limits apply again.
+    pub fn end_drain(&self) {
+        let mut inner = self.group.lock();
+        if let Some(m) = inner.members.get_mut(&self.id) {
+            m.disabled = m.disabled.saturating_sub(1);
+        }
     }
 
     /// Wait until a request of `bytes` in `dir` may go under the group's

@@ -198,3 +198,33 @@ async fn test_group_dropped_group_object_leaves_no_strong_refs() {
     // Timers hold the group weakly: only `g` and the member hold it.
     assert_eq!(Arc::strong_count(&g), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn test_group_drain_releases_queued_requests_at_once() {
+    let g = ThrottleGroup::new(&iops(1)).unwrap();
+    let m = Arc::new(g.join());
+    let done = Arc::new(AtomicU64::new(0));
+    for _ in 0..16 {
+        let (m, done) = (m.clone(), done.clone());
+        tokio::spawn(async move {
+            m.throttle(Direction::Write, 4096).await;
+            done.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // At 1 IOPS with a tenth of a second's burst, most still wait.
+    assert!(get(&done) < 16);
+    let start = Instant::now();
+    m.begin_drain();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(get(&done), 16);
+    // New requests do not wait during the drain...
+    m.throttle(Direction::Write, 4096).await;
+    assert!(Instant::now() - start < Duration::from_millis(10));
+    // ...and do again once it ended.
+    m.end_drain();
+    let before = Instant::now();
+    m.throttle(Direction::Write, 4096).await;
+    m.throttle(Direction::Write, 4096).await;
+    assert!(Instant::now() - before >= Duration::from_millis(500));
+}
