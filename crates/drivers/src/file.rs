@@ -209,6 +209,15 @@ impl PosixFile {
         format!("{op} on '{}'", self.filename)
     }
 
+    /// O_DIRECT wants the buffer's address aligned as well as the offset
+    /// and length (the block layer aligns those). Owned buffers always are;
+    /// an external one (guest memory) may not be, and goes through an
+    /// aligned bounce buffer. The request alignment is used for memory too:
+    /// never less than the kernel's DMA alignment, at worst a needless copy.
+    fn needs_bounce(&self, buf: &IoBuf) -> bool {
+        self.direct && !buf.is_aligned(self.align as usize)
+    }
+
     async fn read_inner(&self, offset: u64, mut buf: IoBuf) -> Result<IoBuf> {
         let want = buf.len();
         let (r, b) = rtio::read_at(self.aio, &self.fd, buf, offset).await;
@@ -410,12 +419,25 @@ impl BlockDriver for PosixFile {
     }
 
     fn read(&self, offset: u64, buf: IoBuf) -> BoxFut<'_, IoBuf> {
-        Box::pin(self.read_inner(offset, buf))
+        Box::pin(async move {
+            if !self.needs_bounce(&buf) {
+                return self.read_inner(offset, buf).await;
+            }
+            let mut buf = buf;
+            let bounce = self.read_inner(offset, IoBuf::new(buf.len())).await?;
+            buf.copy_from_slice(&bounce);
+            Ok(buf)
+        })
     }
 
     fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFut<'_, IoBuf> {
         Box::pin(async move {
-            let buf = self.write_inner(offset, buf).await?;
+            let buf = if self.needs_bounce(&buf) {
+                self.write_inner(offset, IoBuf::from_slice(&buf)).await?;
+                buf
+            } else {
+                self.write_inner(offset, buf).await?
+            };
             if flags.fua {
                 self.datasync().await?;
             }
@@ -484,5 +506,45 @@ impl BlockDriver for PosixFile {
             format_specific: Some(serde_json::json!({"type": "file", "data": {}})),
             ..ImageInfo::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use qsd_block::{IoBuf, WriteFlags};
+    use serde_json::json;
+
+    use crate::tests::{add, backend, graph, image, path_str};
+
+    /// An external buffer at an odd address holding `data`.
+    fn odd_buffer(data: &[u8]) -> IoBuf {
+        let mut v = vec![0u8; data.len() + 1];
+        v[1..].copy_from_slice(data);
+        let buf = IoBuf::external_from_box(v.into_boxed_slice(), 1);
+        assert!(!buf.is_aligned(2));
+        buf
+    }
+
+    #[test]
+    fn test_file_direct_misaligned_buffer_address_is_bounced() {
+        let (_dir, path) = image(1 << 20);
+        let rt = qsd_rt::build_runtime("file-bounce-test").unwrap();
+        qsd_rt::block_on_with_ring(&rt, async {
+            let mut g = graph();
+            let opts = json!({"driver": "file", "node-name": "f0",
+                              "filename": path_str(&path), "cache": {"direct": true}});
+            let blk = backend(&add(&mut g, opts).await.unwrap());
+            let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+            let back = blk
+                .write(4096, odd_buffer(&data), WriteFlags::default())
+                .await
+                .unwrap();
+            assert!(back.is_external());
+            let got = blk.read(4096, odd_buffer(&[0; 8192])).await.unwrap();
+            assert!(got.is_external(), "data lands in the caller's memory");
+            assert_eq!(&got[..], &data[..]);
+            blk.flush().await.unwrap();
+            assert_eq!(&std::fs::read(&path).unwrap()[4096..12288], &data[..]);
+        });
     }
 }

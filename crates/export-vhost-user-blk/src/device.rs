@@ -215,7 +215,7 @@ impl QueueCtx {
         let vring = vring.clone();
         self.rt.spawn(async move {
             let writeback = q.shared.writeback.load(Ordering::Relaxed);
-            let (status, n) = execute(&q.shared.ctx, &*mem, &parsed, writeback).await;
+            let (status, n) = execute(&q.shared.ctx, &mem, &parsed, writeback).await;
             let used = match parsed.status_addr() {
                 Some(a) if mem.write_obj(status, a).is_ok() => n.saturating_add(1),
                 _ => 0,
@@ -558,6 +558,124 @@ mod tests {
             .unwrap();
         vring.set_queue_ready(true);
         vring
+    }
+
+    fn file_backend(
+        rt: &tokio::runtime::Runtime,
+        path: &std::path::Path,
+        direct: bool,
+    ) -> (Graph, BlockBackend) {
+        let mut g = Graph::new();
+        qsd_drivers::register_all(&mut g);
+        let opts = serde_json::json!({"driver": "file", "node-name": "f",
+                                      "filename": path, "cache": {"direct": direct}});
+        let node = rt
+            .block_on(g.open(opts.as_object().cloned().unwrap(), qsd_qapi::InputMode::Qmp))
+            .unwrap();
+        let blk = BlockBackend::new(node, "export 'e'", Perm::ALL, Perm::ALL).unwrap();
+        (g, blk)
+    }
+
+    /// Data of OUT then IN requests over a file: a contiguous buffer (zero
+    /// copy), one split into two distant segments (copied), one at an odd
+    /// address (zero copy; bounced by the file driver under O_DIRECT).
+    fn file_roundtrip(direct: bool) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = dir.path().join("img");
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(1 << 20))
+            .unwrap();
+        let (_g, backend) = file_backend(&rt, &path, direct);
+        let dev = device(&rt, backend);
+        let mem = Mem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let gm = GuestMemoryAtomic::new(mem.clone());
+        let vring = vring(&gm, &mq);
+        dev.update_memory(gm.clone()).unwrap();
+        let pattern = |seed: u8, n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|i| (i as u8).wrapping_mul(seed) ^ seed)
+                .collect()
+        };
+        let (a, b, c) = (pattern(3, 4096), pattern(5, 1024), pattern(7, 4096));
+        mem.write_slice(&a, GuestAddress(0x2_0000)).unwrap();
+        mem.write_slice(&b[..512], GuestAddress(0x3_0000)).unwrap();
+        mem.write_slice(&b[512..], GuestAddress(0x3_1000)).unwrap();
+        mem.write_slice(&c, GuestAddress(0x4_0001)).unwrap();
+        for (i, (kind, sector)) in [(1, 0), (1, 16), (1, 32), (0, 0), (0, 16), (0, 32)]
+            .into_iter()
+            .enumerate()
+        {
+            hdr(&mem, 0x1_0000 + 0x100 * i as u64, kind, sector);
+        }
+        let (r, w) = (NEXT, WRITE | NEXT);
+        let writes = [
+            d(0x1_0000, 16, r, 1),
+            d(0x2_0000, 4096, r, 2),
+            d(0x8_0000, 1, WRITE, 0),
+            d(0x1_0100, 16, r, 4),
+            d(0x3_0000, 512, r, 5),
+            d(0x3_1000, 512, r, 6),
+            d(0x8_0010, 1, WRITE, 0),
+            d(0x1_0200, 16, r, 8),
+            d(0x4_0001, 4096, r, 9),
+            d(0x8_0020, 1, WRITE, 0),
+        ];
+        mq.add_desc_chains(&writes, 0).unwrap();
+        dev.queues[0].process(&vring, &gm).unwrap();
+        assert!(dev.drain());
+        let status = |a: u64| mem.read_obj::<u8>(GuestAddress(a)).unwrap();
+        assert_eq!(
+            [status(0x8_0000), status(0x8_0010), status(0x8_0020)],
+            [0; 3]
+        );
+        let disk = std::fs::read(&path).unwrap();
+        assert_eq!(&disk[..4096], &a[..]);
+        assert_eq!(&disk[8192..9216], &b[..]);
+        assert_eq!(&disk[16384..20480], &c[..]);
+        let reads = [
+            d(0x1_0300, 16, r, 1),
+            d(0x5_0000, 4096, w, 2),
+            d(0x8_0030, 1, WRITE, 0),
+            d(0x1_0400, 16, r, 4),
+            d(0x6_0000, 512, w, 5),
+            d(0x6_1000, 512, w, 6),
+            d(0x8_0040, 1, WRITE, 0),
+            d(0x1_0500, 16, r, 8),
+            d(0x7_0003, 4096, w, 9),
+            d(0x8_0050, 1, WRITE, 0),
+        ];
+        mq.add_desc_chains(&reads, 0).unwrap();
+        dev.queues[0].process(&vring, &gm).unwrap();
+        assert!(dev.drain());
+        assert_eq!(
+            [status(0x8_0030), status(0x8_0040), status(0x8_0050)],
+            [0; 3]
+        );
+        let read = |at: u64, n: usize| {
+            let mut v = vec![0u8; n];
+            mem.read_slice(&mut v, GuestAddress(at)).unwrap();
+            v
+        };
+        assert_eq!(read(0x5_0000, 4096), a);
+        assert_eq!([read(0x6_0000, 512), read(0x6_1000, 512)].concat(), b);
+        assert_eq!(read(0x7_0003, 4096), c);
+        let u = used(&mem, mq.used_addr());
+        assert_eq!((u[&0], u[&3], u[&7]), (4097, 1025, 4097));
+    }
+
+    #[test]
+    fn test_file_requests_zero_copy_and_copied_data_roundtrips() {
+        file_roundtrip(false);
+    }
+
+    #[test]
+    fn test_file_direct_requests_with_odd_guest_addresses_roundtrip() {
+        file_roundtrip(true);
     }
 
     #[test]

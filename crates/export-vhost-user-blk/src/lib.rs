@@ -8,7 +8,8 @@
 //! config-change message to the front-end after a resize; a message relay
 //! in front of the rust-vmm handler provides both. See
 //! docs/vhost-user-blk.md.
-// Unsafe code is limited to the vhost-user descriptor glue (relay.rs).
+// Unsafe code is limited to the vhost-user descriptor glue (relay.rs) and
+// the zero-copy guest buffers (zerocopy.rs).
 #![deny(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -19,6 +20,7 @@ mod pool;
 mod relay;
 mod request;
 mod server;
+mod zerocopy;
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;

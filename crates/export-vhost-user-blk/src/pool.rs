@@ -51,8 +51,12 @@ impl BufPool {
         buf
     }
 
-    /// Give a buffer back (dropped if its class is full or it is odd-sized).
+    /// Give a buffer back (dropped if its class is full, it is odd-sized,
+    /// or it is not ours: a zero-copy buffer over guest memory).
     pub(crate) fn put(&self, buf: IoBuf) {
+        if buf.is_external() {
+            return;
+        }
         let cap = buf.capacity();
         let Some(idx) = class_of(cap).filter(|&i| MIN_CAP << i == cap) else {
             return;
@@ -81,6 +85,17 @@ mod tests {
         let c = p.get(8000);
         assert_eq!(c.as_ptr(), ptr);
         assert_eq!(c.len(), 8000);
+    }
+
+    #[test]
+    fn test_pool_external_buffer_is_never_pooled() {
+        let p = BufPool::default();
+        p.put(IoBuf::external_from_box(
+            vec![0u8; 4096].into_boxed_slice(),
+            0,
+        ));
+        assert!(p.classes.iter().all(|c| c.lock().unwrap().is_empty()));
+        assert!(!p.get(4096).is_external());
     }
 
     #[test]

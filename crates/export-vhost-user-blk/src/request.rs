@@ -1,11 +1,12 @@
 //! virtio-blk requests: turning a descriptor chain into a typed request
 //! (without trusting the guest), and running it against the `BlockBackend`.
 //!
-//! Data is copied between guest memory and an `IoBuf` (`vm-memory`'s
-//! bounds-checked accessors); the block layer then does its io_uring I/O on
-//! that buffer. TODO(#6): zero-copy (io_uring straight into guest memory)
-//! needs raw guest pointers held across the I/O, i.e. `unsafe` with a proof
-//! that the mapping outlives the operation.
+//! IN and OUT data whose segments form one contiguous range of mapped
+//! guest memory goes to the block layer as an `IoBuf` over that memory
+//! (zero-copy, see `zerocopy`); other data is copied between guest memory
+//! and a pooled `IoBuf` with vm-memory's bounds-checked accessors.
+
+use std::sync::Arc;
 
 use qsd_block::{BlockBackend, WriteFlags, ZeroFlags};
 use virtio_bindings::virtio_blk::{
@@ -17,7 +18,9 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
 use crate::config::{MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS, SECTOR};
+use crate::device::Mem;
 use crate::pool::BufPool;
+use crate::zerocopy::Pinned;
 
 /// Bytes of `struct virtio_blk_outhdr`.
 const HDR_LEN: usize = 16;
@@ -208,14 +211,14 @@ pub(crate) struct ReqCtx {
 
 /// Run one request; returns (status, bytes written into guest buffers
 /// excluding the status byte).
-pub(crate) async fn execute<M: GuestMemory>(
+pub(crate) async fn execute(
     ctx: &ReqCtx,
-    mem: &M,
+    mem: &Arc<Mem>,
     chain: &Chain,
     writeback: bool,
 ) -> (u8, u32) {
     let mut hdr = [0u8; HDR_LEN];
-    if !gather(mem, &chain.readable, 0, &mut hdr) {
+    if !gather(&**mem, &chain.readable, 0, &mut hdr) {
         return (VIRTIO_BLK_S_IOERR as u8, 0);
     }
     let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
@@ -238,9 +241,9 @@ pub(crate) async fn execute<M: GuestMemory>(
                 (ioerr, 0)
             }
         },
-        VIRTIO_BLK_T_GET_ID => get_id(ctx, mem, chain),
+        VIRTIO_BLK_T_GET_ID => get_id(ctx, &**mem, chain),
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-            (discard_zeroes(ctx, mem, chain, kind, out_len).await, 0)
+            (discard_zeroes(ctx, &**mem, chain, kind, out_len).await, 0)
         }
         _ => (VIRTIO_BLK_S_UNSUPP as u8, 0),
     }
@@ -257,31 +260,67 @@ fn byte_range(ctx: &ReqCtx, sector: u64, len: u64) -> Option<u64> {
     (end <= ctx.backend.len()).then_some(offset)
 }
 
-async fn read<M: GuestMemory>(ctx: &ReqCtx, mem: &M, chain: &Chain, sector: u64) -> (u8, u32) {
+async fn read(ctx: &ReqCtx, mem: &Arc<Mem>, chain: &Chain, sector: u64) -> (u8, u32) {
     let segs = chain.data_in();
     let len = total(&segs);
     let ioerr = (VIRTIO_BLK_S_IOERR as u8, 0);
     let Some(offset) = byte_range(ctx, sector, len) else {
         return ioerr;
     };
-    let buf = match ctx.backend.read(offset, ctx.pool.get(len as usize)).await {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::debug!("vhost-user-blk read failed: {e}");
-            return ioerr;
-        }
+    let ok = match Pinned::new(mem, &segs, 0, len) {
+        Some(pinned) => read_direct(ctx, mem, &segs, offset, pinned).await,
+        None => read_copy(ctx, &**mem, &segs, offset, len).await,
     };
-    let copied = scatter(mem, &segs, &buf);
-    ctx.pool.put(buf);
-    if !copied {
+    if !ok {
         return ioerr;
     }
     (VIRTIO_BLK_S_OK as u8, len as u32)
 }
 
-async fn write<M: GuestMemory>(
+/// Read straight into guest memory.
+async fn read_direct(ctx: &ReqCtx, mem: &Mem, segs: &[Seg], offset: u64, pinned: Pinned) -> bool {
+    let (buf, released) = pinned.into_parts();
+    let guest = buf.as_ptr() as usize;
+    let got = ctx.backend.read(offset, buf).await;
+    // A driver may answer with another buffer (quorum reads several
+    // children): copy that one in, but only once no operation can still
+    // write into the guest's buffer.
+    let other = match got {
+        Ok(b) if b.as_ptr() as usize == guest => None,
+        Ok(b) => Some(b),
+        Err(e) => {
+            tracing::debug!("vhost-user-blk read failed: {e}");
+            released.wait().await;
+            return false;
+        }
+    };
+    released.wait().await;
+    other.is_none_or(|b| scatter(mem, segs, &b))
+}
+
+/// Read into a pooled buffer, then copy into guest memory.
+async fn read_copy<M: GuestMemory>(
     ctx: &ReqCtx,
     mem: &M,
+    segs: &[Seg],
+    offset: u64,
+    len: u64,
+) -> bool {
+    let buf = match ctx.backend.read(offset, ctx.pool.get(len as usize)).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::debug!("vhost-user-blk read failed: {e}");
+            return false;
+        }
+    };
+    let copied = scatter(mem, segs, &buf);
+    ctx.pool.put(buf);
+    copied
+}
+
+async fn write(
+    ctx: &ReqCtx,
+    mem: &Arc<Mem>,
     chain: &Chain,
     sector: u64,
     len: u64,
@@ -294,17 +333,27 @@ async fn write<M: GuestMemory>(
     let Some(offset) = byte_range(ctx, sector, len) else {
         return ioerr;
     };
-    let mut buf = ctx.pool.get(len as usize);
-    if !gather(mem, &chain.readable, HDR_LEN as u64, &mut buf) {
-        ctx.pool.put(buf);
-        return ioerr;
-    }
     // With the write cache disabled by the guest (CONFIG_WCE), writes are FUA.
     let flags = WriteFlags {
         fua: !writeback,
         ..WriteFlags::default()
     };
-    match ctx.backend.write(offset, buf, flags).await {
+    let skip = HDR_LEN as u64;
+    let (r, released) = match Pinned::new(mem, &chain.readable, skip, len) {
+        Some(pinned) => {
+            let (buf, released) = pinned.into_parts();
+            (ctx.backend.write(offset, buf, flags).await, Some(released))
+        }
+        None => {
+            let mut buf = ctx.pool.get(len as usize);
+            if !gather(&**mem, &chain.readable, skip, &mut buf) {
+                ctx.pool.put(buf);
+                return ioerr;
+            }
+            (ctx.backend.write(offset, buf, flags).await, None)
+        }
+    };
+    let status = match r {
         Ok(buf) => {
             ctx.pool.put(buf);
             VIRTIO_BLK_S_OK as u8
@@ -313,7 +362,11 @@ async fn write<M: GuestMemory>(
             tracing::debug!("vhost-user-blk write failed: {e}");
             ioerr
         }
+    };
+    if let Some(released) = released {
+        released.wait().await;
     }
+    status
 }
 
 fn get_id<M: GuestMemory>(ctx: &ReqCtx, mem: &M, chain: &Chain) -> (u8, u32) {
