@@ -17,6 +17,7 @@ mod objects;
 mod qom;
 mod query;
 mod setup;
+mod vhost_backend;
 
 use std::process::ExitCode;
 
@@ -31,7 +32,17 @@ fn main() -> ExitCode {
 }
 
 fn run() -> anyhow::Result<ExitCode> {
-    let cli = cli::parse(std::env::args_os().skip(1))?;
+    let args: Vec<_> = std::env::args_os().skip(1).collect();
+    let cli = match vhost_backend::parse(&args) {
+        Some(backend) => match backend? {
+            vhost_backend::Backend::PrintCapabilities => {
+                println!("{}", qsd_export_vhost_user_blk::capabilities_json());
+                return Ok(ExitCode::SUCCESS);
+            }
+            vhost_backend::Backend::Serve(cli) => cli,
+        },
+        None => cli::parse(args)?,
+    };
     if cli.help {
         print!("{}", cli::HELP);
         return Ok(ExitCode::SUCCESS);

@@ -335,3 +335,58 @@ fn test_vhost_user_blk_iothread_list_spreads_queues() {
     drop(c);
     assert_eq!(d.stop(), 0);
 }
+
+/// The vhost-user back-end program convention: `--print-capabilities`, and
+/// `--socket-path`/`--blk-file` serving a file without any other option.
+#[test]
+fn test_vhost_user_backend_convention_command_line() {
+    let out = Command::new(env!("CARGO_BIN_EXE_qsd"))
+        .arg("--print-capabilities")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let caps: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        caps,
+        json!({"type": "block", "features": ["read-only", "blk-file"]})
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(IMG_LEN).unwrap();
+    f.write_all_at(&vec![0x6b; 4096], 4096).unwrap();
+    let sock = dir.path().join("vhost.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qsd"))
+        .arg(format!("--socket-path={}", sock.display()))
+        .arg(format!("--blk-file={}", img.display()))
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "socket never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut c = Client::connect(&sock, false);
+    c.q.read(4096, c.buf, 4096, 1, ReqFlags::empty());
+    assert_eq!(c.done(), 0);
+    assert!(c.mem()[..4096].iter().all(|&x| x == 0x6b));
+    c.mem()[..4096].fill(0x3c);
+    c.q.write(0, c.buf, 4096, 2, ReqFlags::empty());
+    assert_eq!(c.done(), 0);
+    drop(c);
+    nix_kill(child.id());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let mut head = vec![0; 4096];
+    std::fs::File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut head, 0)
+        .unwrap();
+    assert!(
+        head.iter().all(|&x| x == 0x3c),
+        "the write reached the file"
+    );
+}
