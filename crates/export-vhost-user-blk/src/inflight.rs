@@ -101,6 +101,12 @@ impl InflightRegion {
         if size < need || size > need + ALIGN * 1024 {
             return Err(invalid("inflight region: size does not match its queues"));
         }
+        // Pages of a shared file beyond its end fault with SIGBUS when
+        // touched: refuse a region its file does not cover.
+        let meta = file.metadata()?;
+        if meta.is_file() && offset.checked_add(size).is_none_or(|end| end > meta.len()) {
+            return Err(invalid("inflight region: beyond the end of its file"));
+        }
         let len = usize::try_from(size).map_err(|_| invalid("inflight region too large"))?;
         let map = MmapRegion::from_file(FileOffset::new(file, offset), len)
             .map_err(|e| io::Error::other(format!("cannot map the inflight region: {e}")))?;
@@ -290,6 +296,17 @@ mod tests {
     fn test_map_region_too_small_is_refused() {
         let (f, len) = create_region_file(1, 128).unwrap();
         assert!(InflightRegion::map(f, 0, len, 2, 128).is_err());
+    }
+
+    #[test]
+    fn test_map_region_beyond_end_of_file_is_refused() {
+        // Found by the vhost_inflight fuzz target: mapping used to succeed
+        // and the first store into the region died of SIGBUS.
+        let (f, len) = create_region_file(1, 48).unwrap();
+        f.set_len(4096).unwrap();
+        assert!(InflightRegion::map(f.try_clone().unwrap(), 4096, len, 1, 48).is_err());
+        assert!(InflightRegion::map(f.try_clone().unwrap(), 0, 4096 + 64, 1, 48).is_err());
+        assert!(InflightRegion::map(f, u64::MAX - 64, len, 1, 48).is_err());
     }
 
     #[test]

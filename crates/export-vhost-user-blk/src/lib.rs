@@ -15,6 +15,8 @@
 
 mod config;
 mod device;
+#[doc(hidden)]
+pub mod fuzzing;
 mod inflight;
 mod pool;
 mod relay;
