@@ -4,6 +4,7 @@
 //! order of their hash bucket. Using the same hash gives the same text, so
 //! names compare equal with what qemu-storage-daemon reports.
 
+use qsd_block::NodeRef;
 use serde_json::{Map, Value};
 
 /// Buckets of a QDict.
@@ -57,6 +58,27 @@ pub fn json_filename(opts: &Map<String, Value>) -> String {
     let mut out = String::from("json:");
     write_object(&mut out, opts);
     out
+}
+
+/// The options qemu shows for `node` inside a parent's `json:` name: its
+/// own `json:` name if it has one, else a format over its `file` child, else
+/// a protocol with its file name.
+pub fn node_options(node: &NodeRef) -> Value {
+    let info = node.driver().image_info();
+    if let Some(v) = info
+        .filename
+        .strip_prefix("json:")
+        .and_then(|j| serde_json::from_str::<Value>(j).ok())
+    {
+        return v;
+    }
+    let mut m = Map::new();
+    m.insert("driver".into(), node.driver().driver_name().into());
+    match node.children().iter().find(|c| c.role == "file") {
+        Some(file) => m.insert("file".into(), node_options(&file.node)),
+        None => m.insert("filename".into(), info.filename.into()),
+    };
+    Value::Object(m)
 }
 
 #[cfg(test)]

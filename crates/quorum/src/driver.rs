@@ -7,7 +7,7 @@ use qsd_block::{
     BlockDriver, BlockStatus, BoxFut, DriverFactory, Error, ErrorKind, EventSink, ImageInfo,
     Limits, NodeRef, OpenCtx, Perm, PermUser, Result, WriteFlags, ZeroFlags,
 };
-use qsd_drivers::jsonname::json_filename;
+use qsd_drivers::jsonname::{json_filename, node_options};
 use qsd_rt::IoBuf;
 use serde_json::{Map, Value};
 
@@ -494,25 +494,6 @@ fn blkverify_mismatch(offset: u64, bytes: u64, at: u64) -> Error {
     let msg = format!("quorum: offset={offset} bytes={bytes} contents mismatch at offset {at}");
     tracing::error!("{msg}");
     Error::new(ErrorKind::Io, msg)
-}
-
-/// The options qemu shows for `node` inside a parent's `json:` name.
-fn node_options(node: &NodeRef) -> Value {
-    let info = node.driver().image_info();
-    if let Some(v) = info
-        .filename
-        .strip_prefix("json:")
-        .and_then(|j| serde_json::from_str::<Value>(j).ok())
-    {
-        return v;
-    }
-    let mut m = Map::new();
-    m.insert("driver".into(), node.driver().driver_name().into());
-    match node.children().iter().find(|c| c.role == "file") {
-        Some(file) => m.insert("file".into(), node_options(&file.node)),
-        None => m.insert("filename".into(), info.filename.into()),
-    };
-    Value::Object(m)
 }
 
 impl BlockDriver for QuorumDriver {

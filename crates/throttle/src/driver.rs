@@ -10,7 +10,7 @@ use qsd_block::{
     BlockDriver, BlockStatus, BoxFut, DriverFactory, Error, ErrorKind, ImageInfo, Limits, NodeRef,
     OpenCtx, Perm, PermUser, Result, WriteFlags, ZeroFlags,
 };
-use qsd_drivers::jsonname::json_filename;
+use qsd_drivers::jsonname::{json_filename, node_options};
 use qsd_rt::IoBuf;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -183,27 +183,6 @@ impl BlockDriver for ThrottleDriver {
             ..ImageInfo::default()
         }
     }
-}
-
-/// The options qemu shows for `node` inside a parent's `json:` name: its
-/// own `json:` name if it has one, else a format over its `file` child, else
-/// a protocol with its file name.
-fn node_options(node: &NodeRef) -> Value {
-    let info = node.driver().image_info();
-    if let Some(v) = info
-        .filename
-        .strip_prefix("json:")
-        .and_then(|j| serde_json::from_str::<Value>(j).ok())
-    {
-        return v;
-    }
-    let mut m = Map::new();
-    m.insert("driver".into(), node.driver().driver_name().into());
-    match node.primary_child() {
-        Some(file) => m.insert("file".into(), node_options(file)),
-        None => m.insert("filename".into(), info.filename.into()),
-    };
-    Value::Object(m)
 }
 
 #[cfg(test)]
