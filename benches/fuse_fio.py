@@ -149,17 +149,9 @@ def main() -> None:
     image = prepare_image(Path(args.image), args.size, args.format)
     target = fuse_target(image, args.format, args.file_opts, args.iothread)
     workdir = args.workdir = lib.workdir()
-    results = []
     try:
-        for job in jobs:
-            res = lib.Result(job, JOBS[job][1])
-            for rep in range(args.repeats):
-                for spec in (a, b):
-                    s = measure(spec, target, job, args)
-                    res.samples.setdefault(spec.label, []).append(s)
-                    print(f"{job} run {rep + 1} {spec.label}: {s.value:,.0f} {res.unit}, "
-                          f"{s.cpu_per_io_us:.1f} µs CPU/IO", file=sys.stderr)
-            results.append(res)
+        results, _ = lib.run_alternating(jobs, lambda j: JOBS[j][1], (a, b), args.repeats,
+                                         lambda spec, j: measure(spec, target, j, args))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(lib.markdown_table(results, a, b))

@@ -18,6 +18,7 @@ import signal
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -210,6 +211,32 @@ class Result:
             return float("nan"), float("nan")
         return (statistics.median(x.value for x in s),
                 statistics.median(x.cpu_per_io_us for x in s))
+
+
+def run_alternating(jobs: Sequence[str], unit_of: Callable[[str], str],
+                    specs: Sequence[DaemonSpec], repeats: int,
+                    measure_one: Callable[[DaemonSpec, str], Optional[Sample]],
+                    ) -> tuple[list[Result], set[tuple[str, str]]]:
+    """Run every job ``repeats`` times, the daemons taking turns (A B A B),
+    and print each sample to stderr. ``measure_one`` returns None when a
+    daemon cannot run a job; that job is then skipped for that daemon.
+    Returns the results and the (job, label) pairs that were skipped."""
+    results, unsupported = [], set()
+    for job in jobs:
+        res = Result(job, unit_of(job))
+        for rep in range(repeats):
+            for spec in specs:
+                if (job, spec.label) in unsupported:
+                    continue
+                s = measure_one(spec, job)
+                if s is None:
+                    unsupported.add((job, spec.label))
+                    continue
+                res.samples.setdefault(spec.label, []).append(s)
+                print(f"{job} run {rep + 1} {spec.label}: {s.value:,.0f} {res.unit}, "
+                      f"{s.cpu_per_io_us:.1f} µs CPU/IO", file=sys.stderr)
+        results.append(res)
+    return results, unsupported
 
 
 def ratio(a: float, b: float) -> str:

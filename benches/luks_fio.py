@@ -164,22 +164,10 @@ def main() -> None:
         image = prepare(Path(f"{args.image}.{ext}"), fmt, args.size)
         targets[fmt] = target(image, fmt, args.file_opts)
     workdir = args.workdir = lib.workdir()
-    results, unsupported = [], set()
     try:
-        for job in jobs:
-            res = lib.Result(job, JOBS[job][2])
-            for rep in range(args.repeats):
-                for spec in (a, b):
-                    if (job, spec.label) in unsupported:
-                        continue
-                    s = measure(spec, targets[JOBS[job][0]], job, args)
-                    if s is None:
-                        unsupported.add((job, spec.label))
-                        continue
-                    res.samples.setdefault(spec.label, []).append(s)
-                    print(f"{job} run {rep + 1} {spec.label}: {s.value:,.0f} {res.unit}, "
-                          f"{s.cpu_per_io_us:.1f} µs CPU/IO", file=sys.stderr)
-            results.append(res)
+        results, unsupported = lib.run_alternating(
+            jobs, lambda j: JOBS[j][2], (a, b), args.repeats,
+            lambda spec, j: measure(spec, targets[JOBS[j][0]], j, args))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(table(results, unsupported, a, b))

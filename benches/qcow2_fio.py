@@ -160,17 +160,9 @@ def main() -> None:
     if any(not JOBS[j].empty for j in jobs):
         prepare_allocated(args.image, args.size)
     args.workdir = lib.workdir()
-    results = []
     try:
-        for name in jobs:
-            res = lib.Result(name, JOBS[name].unit)
-            for rep in range(args.repeats):
-                for spec in (a, b):
-                    s = measure(spec, JOBS[name], args)
-                    res.samples.setdefault(spec.label, []).append(s)
-                    print(f"{name} run {rep + 1} {spec.label}: {s.value:,.0f} {res.unit}, "
-                          f"{s.cpu_per_io_us:.1f} µs CPU/IO", file=sys.stderr)
-            results.append(res)
+        results, _ = lib.run_alternating(jobs, lambda j: JOBS[j].unit, (a, b), args.repeats,
+                                         lambda spec, j: measure(spec, JOBS[j], args))
     finally:
         shutil.rmtree(args.workdir, ignore_errors=True)
         if args.empty.exists():
