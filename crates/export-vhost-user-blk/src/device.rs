@@ -3,6 +3,7 @@
 //! then runs as a task on the export's runtime and completes the vring itself.
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -31,39 +32,53 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Requests of one queue that were popped but not yet completed.
 #[derive(Debug, Default)]
 pub(crate) struct Inflight {
-    count: Mutex<usize>,
+    state: Mutex<InflightCount>,
     idle: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct InflightCount {
+    running: usize,
+    /// Threads in `wait_idle`: without them, `end` need not notify (a
+    /// notify costs a futex call even when nobody waits).
+    waiters: usize,
 }
 
 impl Inflight {
     fn begin(&self) {
-        *self.count.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        self.lock().running += 1;
     }
 
     fn end(&self) {
-        let mut n = self.count.lock().unwrap_or_else(PoisonError::into_inner);
-        *n = n.saturating_sub(1);
-        if *n == 0 {
+        let mut st = self.lock();
+        st.running = st.running.saturating_sub(1);
+        if st.running == 0 && st.waiters > 0 {
             self.idle.notify_all();
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, InflightCount> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Wait until nothing is in flight; false on timeout.
     pub(crate) fn wait_idle(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut n = self.count.lock().unwrap_or_else(PoisonError::into_inner);
-        while *n > 0 {
+        let mut st = self.lock();
+        st.waiters += 1;
+        while st.running > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return false;
+                break;
             }
-            n = self
+            st = self
                 .idle
-                .wait_timeout(n, left)
+                .wait_timeout(st, left)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
-        true
+        st.waiters -= 1;
+        st.running == 0
     }
 }
 
@@ -77,12 +92,17 @@ type Popped = (Arc<Mem>, Vec<DescriptorChain<Arc<Mem>>>);
 /// chain is marked in flight before its request can start.
 fn pop_available(vring: &Vring, gm: &Gm, track: &Mutex<Track>) -> io::Result<Popped> {
     let mut st = vring.get_mut();
+    let mem = gm.memory().into_inner();
+    // A kick read on the runtime (see `kick`) may race with GET_VRING_BASE
+    // or SET_VRING_ENABLE: a stopped or disabled ring is not touched.
+    if !st.get_queue().ready() || !st.is_enabled() {
+        return Ok((mem, Vec::new()));
+    }
     let q = st.get_queue_mut();
     let avail = q
         .avail_idx(&*gm.memory(), Ordering::Acquire)
         .map_err(queue_err)?;
     let n = (avail - std::num::Wrapping(q.next_avail())).0;
-    let mem = gm.memory().into_inner();
     let chains: Vec<_> = (0..n)
         .map_while(|_| q.pop_descriptor_chain(Arc::clone(&mem)))
         .collect();
@@ -121,6 +141,12 @@ pub(crate) struct QueueCtx {
     /// The ring (re)started with an inflight region: check it for chains to
     /// resubmit before popping new ones.
     recover_pending: AtomicBool,
+    /// The ring, once the backend crate has handed it to `handle_event`.
+    vring: Mutex<Option<Vring>>,
+    /// Guest memory, shared with the device (set by `update_memory`).
+    mem: Arc<Mutex<Option<Gm>>>,
+    /// The task reading this ring's kick eventfd (see `kick`).
+    kick_task: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 fn queue_err(e: virtio_queue::Error) -> io::Error {
@@ -128,6 +154,52 @@ fn queue_err(e: virtio_queue::Error) -> io::Error {
 }
 
 impl QueueCtx {
+    /// A kick read by the queue's kick task: pop the ring here, on the
+    /// runtime, or pass the kick to the backend crate through `proxy` while
+    /// we have no ring or memory yet or the ring is not running.
+    pub(crate) fn on_kick(self: &Arc<Self>, proxy: &std::fs::File) {
+        let vring = self
+            .vring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let gm = self
+            .mem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let (Some(vring), Some(gm)) = (vring, gm) else {
+            crate::kick::poke(proxy);
+            return;
+        };
+        // Counted before the ring's state is looked at, so that a
+        // GET_VRING_BASE that stops the ring meanwhile waits for this pass.
+        self.inflight.begin();
+        let running = {
+            let st = vring.get_ref();
+            st.get_queue().ready() && st.is_enabled()
+        };
+        if running {
+            if let Err(e) = self.process(&vring, &gm) {
+                tracing::warn!(export = %self.shared.id, "vhost-user-blk: queue error: {e}");
+            }
+        } else {
+            crate::kick::poke(proxy);
+        }
+        self.inflight.end();
+    }
+
+    fn stop_kicks(&self) {
+        if let Some(t) = self
+            .kick_task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            t.abort();
+        }
+    }
+
     /// Pop every available chain and start its request. Runs on the
     /// queue's runtime, so requests start and complete without crossing
     /// threads.
@@ -240,7 +312,7 @@ impl QueueCtx {
     }
 
     /// Put a chain on the used ring; the driver is notified once for all
-    /// the requests that complete in the same runtime tick.
+    /// the requests that complete in the same batch.
     fn complete(self: &Arc<Self>, vring: &Vring, head: u16, len: u32) {
         if let Err(e) = self.add_used(vring, head, len) {
             tracing::warn!(export = %self.shared.id, "vhost-user-blk: cannot complete request: {e}");
@@ -252,8 +324,9 @@ impl QueueCtx {
         self.inflight.begin();
         let q = Arc::clone(self);
         let vring = vring.clone();
+        // Spawned, so that it runs after the other request tasks the same
+        // batch of io_uring completions woke, and signals once for them.
         self.rt.spawn(async move {
-            tokio::task::yield_now().await;
             // Cleared before signalling: a completion after this point
             // queues its own notification.
             q.signal_pending.store(false, Ordering::Release);
@@ -270,7 +343,7 @@ impl QueueCtx {
 /// The per-connection device state.
 pub(crate) struct BlkDevice {
     shared: Arc<Shared>,
-    mem: Mutex<Option<Gm>>,
+    mem: Arc<Mutex<Option<Gm>>>,
     queues: Vec<Arc<QueueCtx>>,
 }
 
@@ -284,6 +357,7 @@ impl std::fmt::Debug for BlkDevice {
 
 impl BlkDevice {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        let mem = Arc::new(Mutex::new(None));
         let queues = (0..usize::from(shared.num_queues))
             .map(|i| {
                 Arc::new(QueueCtx {
@@ -295,13 +369,38 @@ impl BlkDevice {
                     signal_pending: AtomicBool::new(false),
                     track: Mutex::new(Track::default()),
                     recover_pending: AtomicBool::new(false),
+                    vring: Mutex::new(None),
+                    mem: Arc::clone(&mem),
+                    kick_task: Mutex::new(None),
                 })
             })
             .collect();
         BlkDevice {
             shared,
-            mem: Mutex::new(None),
+            mem,
             queues,
+        }
+    }
+
+    /// SET_VRING_KICK with a descriptor: read `kick` on queue `index`'s
+    /// runtime from now on, and forward what cannot be served there to
+    /// `proxy`, the eventfd the backend crate was given instead (see `kick`).
+    /// False for a queue index out of range (the caller then leaves the
+    /// message alone).
+    pub(crate) fn serve_kicks(&self, index: usize, kick: OwnedFd, proxy: std::fs::File) -> bool {
+        let Some(q) = self.queues.get(index) else {
+            return false;
+        };
+        q.stop_kicks();
+        let task = q.rt.spawn(crate::kick::serve(Arc::clone(q), kick, proxy));
+        *q.kick_task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task.abort_handle());
+        true
+    }
+
+    /// The connection ended: stop reading its kick eventfds.
+    pub(crate) fn stop_kicks(&self) {
+        for q in &self.queues {
+            q.stop_kicks();
         }
     }
 
@@ -349,6 +448,12 @@ impl BlkDevice {
         else {
             return;
         };
+        {
+            let mut known = q.vring.lock().unwrap_or_else(PoisonError::into_inner);
+            if known.is_none() {
+                *known = Some(vring.clone());
+            }
+        }
         if q.poll_scheduled.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -557,6 +662,7 @@ mod tests {
             .set_queue_info(mq.desc_table_addr().0, mq.avail_addr().0, mq.used_addr().0)
             .unwrap();
         vring.set_queue_ready(true);
+        vring.set_enabled(true);
         vring
     }
 

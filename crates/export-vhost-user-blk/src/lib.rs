@@ -18,6 +18,7 @@ mod device;
 #[doc(hidden)]
 pub mod fuzzing;
 mod inflight;
+mod kick;
 mod pool;
 mod relay;
 mod request;

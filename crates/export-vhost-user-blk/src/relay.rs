@@ -330,6 +330,9 @@ impl Relay {
     /// queue checks its region on its next pass, and that pass is forced
     /// by kicking the ring (the driver may be waiting only for requests
     /// the previous back-end never completed).
+    ///
+    /// The front-end's kick eventfd stays here: the queue's runtime reads
+    /// it, and the backend crate gets a proxy eventfd instead (see `kick`).
     fn set_vring_kick(&self, m: &Msg, daemon: &UnixStream) -> io::Result<()> {
         let arg = m.u64_at(0).unwrap_or(0);
         let index = (arg & 0xff) as usize;
@@ -339,7 +342,27 @@ impl Relay {
             None
         };
         let tracked = self.dev.ring_starting(index);
-        forward(daemon, m)?;
+        match kick.as_ref().map(|_| crate::kick::proxy()) {
+            Some(Ok((theirs, ours))) => {
+                write_msg(
+                    daemon,
+                    m.request,
+                    m.flags,
+                    &m.payload,
+                    &[theirs.as_raw_fd()],
+                )?;
+                if let Some(k) = kick.as_ref().and_then(|k| k.try_clone().ok()) {
+                    if !self.dev.serve_kicks(index, k, ours) {
+                        tracing::debug!("vhost-user-blk: no queue {index} to read kicks for");
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!("vhost-user-blk: kicks go through the vring thread: {e}");
+                forward(daemon, m)?;
+            }
+            None => forward(daemon, m)?,
+        }
         if let (true, Some(k)) = (tracked, kick) {
             let mut f = std::fs::File::from(k);
             if let Err(e) = f.write_all(&1u64.to_ne_bytes()) {

@@ -232,6 +232,7 @@ fn serve_one(shared: &Arc<Shared>, listener: &mut Listener, slot: &Arc<Mutex<Con
     if let Err(e) = daemon.wait() {
         tracing::info!(export = %shared.id, "vhost-user-blk: front-end connection ended: {e}");
     }
+    dev.stop_kicks();
     {
         let mut s = slot.lock().unwrap_or_else(PoisonError::into_inner);
         s.conn = None;

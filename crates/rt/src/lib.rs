@@ -12,6 +12,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod buf;
+mod eventfd;
 pub mod io;
 mod op;
 mod probe;
@@ -23,6 +24,7 @@ mod thread;
 mod tests;
 
 pub use buf::IoBuf;
+pub use eventfd::EventFdWatch;
 pub use io::{Aio, SharedFd};
 pub use probe::{io_uring_available, resolve_aio};
 pub use thread::{block_on_with_ring, build_runtime, current_has_ring, run_main, IoThread};
