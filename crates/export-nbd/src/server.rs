@@ -325,15 +325,32 @@ async fn accept_loop(shared: Arc<Shared>, l: Listener, mut stop: watch::Receiver
 
 async fn accept(l: &Listener) -> std::io::Result<(Conn, String)> {
     match l {
-        Listener::Unix(l) => l
-            .accept()
-            .await
-            .map(|(s, _)| (Conn::Unix(s), "unix".to_owned())),
+        Listener::Unix(l) => {
+            let (s, _) = l.accept().await?;
+            widen_send_buffer(&s);
+            Ok((Conn::Unix(s), "unix".to_owned()))
+        }
         Listener::Tcp(l) => {
             let (s, a) = l.accept().await?;
             s.set_nodelay(true)?;
             Ok((Conn::Tcp(s), a.to_string()))
         }
+    }
+}
+
+/// Send buffer asked for on unix connections (the kernel caps it at
+/// `net.core.wmem_max`).
+const UNIX_SNDBUF: usize = 4 << 20;
+
+/// A unix socket's default send buffer (about 200 KiB) holds a fraction of
+/// a 1 MiB read reply, so the writer would stop and wait for the client to
+/// drain it several times per reply: with room for whole replies, 1 MiB
+/// reads from the page cache run about twice as fast. (TCP tunes its own
+/// buffers; fixing a size there would switch that off.)
+fn widen_send_buffer(s: &tokio::net::UnixStream) {
+    use nix::sys::socket::{setsockopt, sockopt::SndBuf};
+    if let Err(e) = setsockopt(s, SndBuf, &UNIX_SNDBUF) {
+        tracing::debug!("NBD server: cannot widen the send buffer: {e}");
     }
 }
 
