@@ -6,7 +6,7 @@ and must land within 15% of the configured limit: a 200 IOPS group, the
 same group raised to 1000 IOPS with ``qom-set`` while fio runs (no I/O
 fails), and two nodes in one group sharing its budget evenly whatever
 their queue depths. Then qemu's error messages (bad limits, missing group,
-group in use), ``qom-get``/``qom-set`` paths and properties, and an error
+group in use), ``qom-list``/``qom-get``/``qom-set`` paths and properties, and an error
 injected below a throttle node reaching the client while the daemon stays
 up.
 
@@ -365,6 +365,41 @@ def test_qom_paths_and_properties(qmp_only):
     assert e.desc == "Invalid parameter type for 'limits', expected: object"
     e = mon.error("qom-set", path="nope", property="limits", value={})
     assert (e.klass, e.desc) == ("DeviceNotFound", "Device 'nope' not found")
+
+
+def test_qom_list_objects_and_properties(qmp_only):
+    d, sock = qmp_only
+    mon = d.qmp(sock)
+    mon.cmd("object-add", **{"qom-type": "throttle-group", "id": "g0",
+                             "limits": {"iops-total": 300}})
+    mon.cmd("object-add", **{"qom-type": "iothread", "id": "io0"})
+    mon.cmd("object-add", **{"qom-type": "secret", "id": "s0", "data": "x"})
+
+    def props(path):
+        return {p["name"]: p["type"] for p in mon.cmd("qom-list", path=path)}
+
+    root = props("/")
+    assert root["type"] == "string" and root["objects"] == "child<container>"
+    assert props("/objects") == {"type": "string", "g0": "child<throttle-group>",
+                                 "io0": "child<iothread>", "s0": "child<secret>"}
+    group = props("g0")
+    assert group == props("/objects/g0")
+    assert group.pop("type") == "string" and group.pop("limits") == "ThrottleLimits"
+    assert len(group) == 19 and set(group.values()) == {"int"}
+    assert {"x-iops-total", "x-bps-write-max-length", "x-iops-size"} <= set(group)
+    assert props("io0") == {"type": "string", "poll-max-ns": "int", "poll-grow": "int",
+                            "poll-shrink": "int", "aio-max-batch": "int",
+                            "thread-pool-min": "int", "thread-pool-max": "int"}
+    assert props("s0") == {"type": "string", "iv": "string", "keyid": "string",
+                           "format": "QCryptoSecretFormat", "file": "string",
+                           "data": "string"}
+    mon.cmd("object-del", id="g0")
+    assert "g0" not in props("/objects")
+    for path in ("g0", "/objects/nope", "/machine"):
+        e = mon.error("qom-list", path=path)
+        assert (e.klass, e.desc) == ("DeviceNotFound", f"Device '{path}' not found")
+    e = mon.error("qom-list")
+    assert (e.klass, e.desc) == ("GenericError", "Parameter 'path' is missing")
 
 
 def test_throttle_injected_error_reaches_client(workdir, start_daemon):

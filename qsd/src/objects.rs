@@ -45,6 +45,11 @@ impl IoThreads {
         Value::Array(list)
     }
 
+    /// Every thread's id, sorted.
+    pub fn ids(&self) -> Vec<String> {
+        self.threads.keys().cloned().collect()
+    }
+
     /// The properties thread `id` was created with (for `qom-get`).
     pub fn props(&self, id: &str) -> Option<IothreadProps> {
         self.threads.get(id).map(|(_, p)| *p)

@@ -1,4 +1,4 @@
-//! `qom-get` and `qom-set` over the part of qemu's object tree a storage
+//! `qom-list`, `qom-get` and `qom-set` over the part of qemu's object tree a storage
 //! daemon has: the root container, `/objects`, and the user-created
 //! objects in it. Paths resolve as in qemu: absolute (`/objects/g0`, empty
 //! components ignored) or partial (`g0`, `objects/g0`: any unique object
@@ -6,14 +6,16 @@
 //!
 //! Properties: `type` everywhere; `limits` and the `x-` members on
 //! throttle groups; the polling and pool members on I/O threads. Secrets
-//! show only their type (qemu also shows their properties).
+//! are listed with qemu's property names but only `type` can be read.
+//! qemu's root also holds the `backend` and `chardevs` containers, which
+//! are not modelled here.
 
 use std::sync::Arc;
 
 use qsd_qapi::options::IothreadProps;
 use qsd_qapi::InputMode;
 use qsd_qmp::{ErrorClass, QmpError};
-use qsd_throttle::{ThrottleGroup, ThrottleLimits};
+use qsd_throttle::{ThrottleGroup, ThrottleGroupProps, ThrottleLimits};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -28,6 +30,12 @@ type CmdResult = Result<Value, QmpError>;
 struct QomGetArgs {
     path: String,
     property: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QomListArgs {
+    path: String,
 }
 
 #[derive(Deserialize)]
@@ -123,6 +131,83 @@ fn iothread_prop(p: &IothreadProps, name: &str) -> Option<i64> {
         "thread-pool-max" => p.thread_pool_max.unwrap_or(64),
         _ => return None,
     })
+}
+
+/// I/O thread properties, in qemu's `qom-list` order.
+const IOTHREAD_PROPERTIES: &[&str] = &[
+    "thread-pool-min",
+    "aio-max-batch",
+    "thread-pool-max",
+    "poll-max-ns",
+    "poll-grow",
+    "poll-shrink",
+];
+
+/// Secret properties and their types, in qemu's `qom-list` order.
+const SECRET_PROPERTIES: &[(&str, &str)] = &[
+    ("iv", "string"),
+    ("keyid", "string"),
+    ("format", "QCryptoSecretFormat"),
+    ("file", "string"),
+    ("data", "string"),
+];
+
+fn property_info(name: &str, ty: &str) -> Value {
+    json!({ "name": name, "type": ty })
+}
+
+/// The children of `/objects`: every user-created object, by id.
+fn objects_of(d: &Daemon) -> Vec<(String, &'static str)> {
+    let mut all: Vec<(String, &'static str)> = d
+        .iothreads()
+        .ids()
+        .into_iter()
+        .map(|id| (id, "iothread"))
+        .collect();
+    all.extend(d.secrets.ids().into_iter().map(|id| (id, "secret")));
+    all.extend(d.objects.ids());
+    all.sort();
+    all
+}
+
+/// The properties `qom-list` shows for `target` (after `type`).
+fn properties_of(d: &Daemon, target: &Target) -> Vec<Value> {
+    match target {
+        Target::Root => vec![property_info("objects", "child<container>")],
+        Target::Objects => objects_of(d)
+            .iter()
+            .map(|(id, t)| property_info(id, &format!("child<{t}>")))
+            .collect(),
+        Target::Object { qom_type, .. } if *qom_type == qsd_throttle::QOM_TYPE => {
+            std::iter::once(property_info("limits", "ThrottleLimits"))
+                .chain(
+                    ThrottleGroupProps::X_NAMES
+                        .iter()
+                        .map(|n| property_info(n, "int")),
+                )
+                .collect()
+        }
+        Target::Object { qom_type, .. } => match *qom_type {
+            "iothread" => IOTHREAD_PROPERTIES
+                .iter()
+                .map(|n| property_info(n, "int"))
+                .collect(),
+            "secret" => SECRET_PROPERTIES
+                .iter()
+                .map(|(n, t)| property_info(n, t))
+                .collect(),
+            _ => Vec::new(),
+        },
+    }
+}
+
+/// `qom-list`.
+pub fn qmp_qom_list(d: &Daemon, args: Map<String, Value>) -> CmdResult {
+    let a: QomListArgs = parse(args)?;
+    let target = lookup(d, &a.path)?;
+    let mut list = vec![property_info("type", "string")];
+    list.extend(properties_of(d, &target));
+    Ok(Value::Array(list))
 }
 
 /// `qom-get`.

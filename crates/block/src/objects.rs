@@ -57,7 +57,15 @@ impl ObjectStore {
         self.table().contains_key(id)
     }
 
-    /// The QOM type of object `id`.
+    /// Every object's id and QOM type, by id.
+    pub fn ids(&self) -> Vec<(String, &'static str)> {
+        self.table()
+            .iter()
+            .map(|(id, e)| (id.clone(), e.qom_type))
+            .collect()
+    }
+
+    /// The QOM type of object `id`, if there is one.
     pub fn qom_type(&self, id: &str) -> Option<&'static str> {
         self.table().get(id).map(|e| e.qom_type)
     }

@@ -52,6 +52,11 @@ impl SecretStore {
         Ok(())
     }
 
+    /// Every secret's id, sorted.
+    pub fn ids(&self) -> Vec<String> {
+        self.table().keys().cloned().collect()
+    }
+
     /// True if a secret `id` exists.
     pub fn contains(&self, id: &str) -> bool {
         self.table().contains_key(id)

@@ -142,6 +142,9 @@ macro_rules! limit_types {
         }
 
         impl ThrottleGroupProps {
+            /// Every `x-` member's name, in declaration order (for `qom-list`).
+            pub const X_NAMES: &'static [&'static str] = &[$($xname),*];
+
             /// The `x-` members that are set, as (name without `x-`, value).
             pub fn x_entries(&self) -> Vec<(&'static str, i64)> {
                 let mut v = Vec::new();
