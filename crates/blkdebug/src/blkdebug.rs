@@ -418,9 +418,7 @@ impl BlockDriver for BlkdebugDriver {
         "blkdebug"
     }
 
-    fn len(&self) -> u64 {
-        self.child.len()
-    }
+    qsd_block::forward_to_child!(child: len, truncate);
 
     fn limits(&self) -> Limits {
         let child = self.child.driver().limits();
@@ -496,10 +494,6 @@ impl BlockDriver for BlkdebugDriver {
             self.check(offset, len, IoType::BlockStatus).await?;
             self.child.block_status(offset, len).await
         })
-    }
-
-    fn truncate(&self, size: u64) -> BoxFut<'_, ()> {
-        Box::pin(self.child.truncate(size))
     }
 
     fn set_perm(&self, perm: Perm, shared: Perm) -> Result<()> {

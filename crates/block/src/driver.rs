@@ -213,3 +213,56 @@ pub trait BlockDriver: std::any::Any + Send + Sync + 'static {
         Box::pin(async { Ok(()) })
     }
 }
+
+/// Methods of [`BlockDriver`] that a filter passes unchanged to its child
+/// node, written once for all filters. Inside a filter's
+/// `impl BlockDriver`, `forward_to_child!(child: len, flush, truncate);`
+/// defines each named method as the same call on `self.child` (a
+/// [`crate::NodeRef`]). Known methods: `len`, `read`, `write_zeroes`,
+/// `discard`, `flush`, `block_status`, `truncate`.
+#[macro_export]
+macro_rules! forward_to_child {
+    ($child:ident: $($method:ident),+ $(,)?) => {
+        $( $crate::forward_to_child!(@one $child $method); )+
+    };
+    (@one $c:ident len) => {
+        fn len(&self) -> u64 {
+            self.$c.len()
+        }
+    };
+    (@one $c:ident read) => {
+        fn read(&self, offset: u64, buf: $crate::IoBuf) -> $crate::BoxFut<'_, $crate::IoBuf> {
+            Box::pin(self.$c.read(offset, buf))
+        }
+    };
+    (@one $c:ident write_zeroes) => {
+        fn write_zeroes(
+            &self,
+            offset: u64,
+            len: u64,
+            flags: $crate::ZeroFlags,
+        ) -> $crate::BoxFut<'_, ()> {
+            Box::pin(self.$c.write_zeroes(offset, len, flags))
+        }
+    };
+    (@one $c:ident discard) => {
+        fn discard(&self, offset: u64, len: u64) -> $crate::BoxFut<'_, ()> {
+            Box::pin(self.$c.discard(offset, len))
+        }
+    };
+    (@one $c:ident flush) => {
+        fn flush(&self) -> $crate::BoxFut<'_, ()> {
+            Box::pin(self.$c.flush())
+        }
+    };
+    (@one $c:ident block_status) => {
+        fn block_status(&self, offset: u64, len: u64) -> $crate::BoxFut<'_, $crate::BlockStatus> {
+            Box::pin(self.$c.block_status(offset, len))
+        }
+    };
+    (@one $c:ident truncate) => {
+        fn truncate(&self, size: u64) -> $crate::BoxFut<'_, ()> {
+            Box::pin(self.$c.truncate(size))
+        }
+    };
+}

@@ -5,8 +5,8 @@
 
 use qsd_block::perm::UserDesc;
 use qsd_block::{
-    BlockDriver, BlockStatus, BoxFut, DriverFactory, Error, ImageInfo, Limits, NodeRef, OpenCtx,
-    Perm, PermUser, Result, WriteFlags, ZeroFlags,
+    BlockDriver, BoxFut, DriverFactory, Error, ImageInfo, Limits, NodeRef, OpenCtx, Perm, PermUser,
+    Result, WriteFlags,
 };
 use qsd_rt::IoBuf;
 use serde::Deserialize;
@@ -84,9 +84,7 @@ impl BlockDriver for CompressDriver {
         "compress"
     }
 
-    fn len(&self) -> u64 {
-        self.child.len()
-    }
+    qsd_block::forward_to_child!(child: len, read, write_zeroes, discard, flush, block_status, truncate);
 
     fn limits(&self) -> Limits {
         let child = self.child.driver().limits();
@@ -98,36 +96,12 @@ impl BlockDriver for CompressDriver {
         }
     }
 
-    fn read(&self, offset: u64, buf: IoBuf) -> BoxFut<'_, IoBuf> {
-        Box::pin(self.child.read(offset, buf))
-    }
-
     fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BoxFut<'_, IoBuf> {
         let flags = WriteFlags {
             compress: true,
             ..flags
         };
         Box::pin(self.child.write(offset, buf, flags))
-    }
-
-    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFut<'_, ()> {
-        Box::pin(self.child.write_zeroes(offset, len, flags))
-    }
-
-    fn discard(&self, offset: u64, len: u64) -> BoxFut<'_, ()> {
-        Box::pin(self.child.discard(offset, len))
-    }
-
-    fn flush(&self) -> BoxFut<'_, ()> {
-        Box::pin(self.child.flush())
-    }
-
-    fn block_status(&self, offset: u64, len: u64) -> BoxFut<'_, BlockStatus> {
-        Box::pin(self.child.block_status(offset, len))
-    }
-
-    fn truncate(&self, size: u64) -> BoxFut<'_, ()> {
-        Box::pin(self.child.truncate(size))
     }
 
     fn set_perm(&self, perm: Perm, shared: Perm) -> Result<()> {

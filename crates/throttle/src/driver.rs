@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use qsd_block::perm::UserDesc;
 use qsd_block::{
-    BlockDriver, BlockStatus, BoxFut, DriverFactory, Error, ErrorKind, ImageInfo, Limits, NodeRef,
-    OpenCtx, Perm, PermUser, Result, WriteFlags, ZeroFlags,
+    BlockDriver, BoxFut, DriverFactory, Error, ErrorKind, ImageInfo, Limits, NodeRef, OpenCtx,
+    Perm, PermUser, Result, WriteFlags, ZeroFlags,
 };
 use qsd_drivers::jsonname::{json_filename, node_options};
 use qsd_rt::IoBuf;
@@ -111,9 +111,7 @@ impl BlockDriver for ThrottleDriver {
         self.member.end_drain();
     }
 
-    fn len(&self) -> u64 {
-        self.child.len()
-    }
+    qsd_block::forward_to_child!(child: len, flush, block_status, truncate);
 
     fn limits(&self) -> Limits {
         self.child.driver().limits()
@@ -153,18 +151,6 @@ impl BlockDriver for ThrottleDriver {
             self.member.throttle(Direction::Write, len).await;
             self.child.discard(offset, len).await
         })
-    }
-
-    fn flush(&self) -> BoxFut<'_, ()> {
-        Box::pin(self.child.flush())
-    }
-
-    fn block_status(&self, offset: u64, len: u64) -> BoxFut<'_, BlockStatus> {
-        Box::pin(self.child.block_status(offset, len))
-    }
-
-    fn truncate(&self, size: u64) -> BoxFut<'_, ()> {
-        Box::pin(self.child.truncate(size))
     }
 
     fn set_perm(&self, perm: Perm, shared: Perm) -> Result<()> {
