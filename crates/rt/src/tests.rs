@@ -379,3 +379,13 @@ fn test_uring_plain_mode_without_defer_taskrun_works() {
         assert!(!r.uses_defer_taskrun());
     });
 }
+
+#[test]
+fn test_block_on_with_ring_leaves_no_task_behind() {
+    let rt = crate::build_runtime("tasks").unwrap();
+    for _ in 0..100 {
+        // Finishes without yielding: the reaper never ran before its abort.
+        crate::block_on_with_ring(&rt, async {});
+    }
+    assert_eq!(rt.metrics().num_alive_tasks(), 0);
+}

@@ -37,6 +37,11 @@ pub fn block_on_with_ring<F: Future>(rt: &Runtime, f: F) -> F::Output {
         let reaper = tokio::spawn(ring::reaper(ring));
         let out = f.await;
         reaper.abort();
+        // Wait for the cancellation: the scheduler drops an aborted task
+        // only when it gets to run, and after a future that finished
+        // without ever yielding it would not, so repeated calls (a fuzz
+        // target's) would pile the reapers up.
+        let _ = reaper.await;
         out
     })
 }
