@@ -2,7 +2,8 @@
 
 blkdebug sits between a format node and its file: ``raw`` fires
 ``read_aio``/``write_aio`` at it, qcow2 its metadata events, every flush
-``flush_to_os``/``flush_to_disk``. Injected errors must surface with their
+``flush_to_os`` and, when something was written since the last flush,
+``flush_to_disk``. Injected errors must surface with their
 errno through NBD (qemu-io prints the text), as EIO through FUSE, and leave
 the daemon and its other exports serving. With qcow2, a metadata write that
 fails at ``l2_update``, ``refblock_alloc`` or ``cluster_alloc`` must never
@@ -163,6 +164,18 @@ def test_blkdebug_flush_event_arms_rule(workdir, start_daemon):
               ",inject-error.0.event=flush_to_disk,inject-error.0.iotype=write"
               ",inject-error.0.errno=28")
     out = qemu_io_out(s.uri, "write -P 1 0 4k", "flush", "read -P 1 0 4k",
+                      "write -P 2 0 4k")
+    assert failed_lines(out) == ["write failed: No space left on device"], out
+    s.assert_alive()
+
+
+def test_blkdebug_flush_to_disk_only_after_a_write(workdir, start_daemon):
+    """As qemu: a flush with nothing written since the last one (or since
+    open) fires flush_to_os but not flush_to_disk."""
+    s = Setup(workdir, start_daemon,
+              ",set-state.0.event=flush_to_disk,set-state.0.state=1,set-state.0.new_state=2"
+              ",inject-error.0.event=write_aio,inject-error.0.state=2,inject-error.0.errno=28")
+    out = qemu_io_out(s.uri, "flush", "write -P 1 0 4k", "flush", "flush",
                       "write -P 2 0 4k")
     assert failed_lines(out) == ["write failed: No space left on device"], out
     s.assert_alive()

@@ -412,12 +412,17 @@ async fn test_flush_rule_fails_flush_only() {
     )
     .await;
     let blk = backend(&top);
+    // Nothing written since open: no flush_to_disk, the rule stays quiet.
+    blk.flush().await.unwrap();
+    blk.write(0, wbuf(512, 1), WriteFlags::default())
+        .await
+        .unwrap();
     // raw's flush fires flush_to_os/flush_to_disk at blkdebug, then flushes it
     assert_eq!(blk.flush().await.unwrap_err().errno(), 5);
     blk.write(0, wbuf(512, 1), WriteFlags::default())
         .await
         .unwrap();
-    assert_eq!(taken(&log), vec![("write", 0, 512)]);
+    assert_eq!(taken(&log), vec![("write", 0, 512), ("write", 0, 512)]);
 }
 
 #[tokio::test]

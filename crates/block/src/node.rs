@@ -103,6 +103,35 @@ pub struct Node {
     wr_highest: AtomicU64,
     /// Serialises read-modify-write cycles of unaligned writes.
     rmw: tokio::sync::Mutex<()>,
+    /// Writes since the last flush (qemu's `write_gen`/`flushed_gen`).
+    gens: WriteGens,
+}
+
+/// qemu's write generation: every write-type request that completes
+/// (successfully or not) starts a new generation, and a successful flush
+/// records the generation it covered. Equal means nothing is waiting to be
+/// made durable. Both start at 0 as in qemu: a node just opened has
+/// nothing of ours to make durable.
+#[derive(Debug, Default)]
+struct WriteGens {
+    written: AtomicU64,
+    flushed: AtomicU64,
+}
+
+impl WriteGens {
+    fn bump(&self) {
+        self.written.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The current generation, and whether a flush already covered it.
+    fn current(&self) -> (u64, bool) {
+        let gen = self.written.load(Ordering::Acquire);
+        (gen, self.flushed.load(Ordering::Acquire) >= gen)
+    }
+
+    fn flushed(&self, gen: u64) {
+        self.flushed.fetch_max(gen, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for Node {
@@ -140,6 +169,7 @@ impl Node {
             inflight: Inflight::default(),
             wr_highest: AtomicU64::new(0),
             rmw: tokio::sync::Mutex::new(()),
+            gens: WriteGens::default(),
         })
     }
 
@@ -174,6 +204,13 @@ impl Node {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    fn has_no_children(&self) -> bool {
+        self.children
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_empty()
     }
 
     /// Record a child the driver attached at runtime.
@@ -426,6 +463,7 @@ impl Node {
         let _guard = self.inflight.enter();
         let len = buf.len() as u64;
         let r = self.write_inner(offset, buf, flags).await;
+        self.gens.bump();
         if r.is_ok() {
             self.wrote(offset, len);
         }
@@ -480,6 +518,7 @@ impl Node {
         self.check_write_allowed()?;
         let _guard = self.inflight.enter();
         let r = self.zeroes_inner(offset, len, flags).await;
+        self.gens.bump();
         if r.is_ok() {
             self.wrote(offset, len);
         }
@@ -543,7 +582,9 @@ impl Node {
         if end <= start {
             return Ok(());
         }
-        self.driver.discard(start, end - start).await
+        let r = self.driver.discard(start, end - start).await;
+        self.gens.bump();
+        r
     }
 
     /// Flush completed writes to stable storage (no-op with cache.no-flush).
@@ -552,12 +593,25 @@ impl Node {
             return Ok(());
         }
         let _guard = self.inflight.enter();
-        // As qemu's bdrv_co_flush: the events go to the child being flushed.
+        let (gen, clean) = self.gens.current();
+        // As qemu's bdrv_co_flush: the events go to the child being
+        // flushed, FLUSH_TO_DISK only when something was written since.
         if let Some(child) = self.primary_child() {
             child.debug_event(DebugEvent::FlushToOs);
-            child.debug_event(DebugEvent::FlushToDisk);
+            if !clean {
+                child.debug_event(DebugEvent::FlushToDisk);
+            }
         }
-        self.driver.flush().await
+        // A node without children holds the data itself: with nothing
+        // written since its last flush there is nothing to make durable
+        // (an fdatasync saved). Nodes above always pass the flush on (a
+        // format may hold metadata of its own); their children decide.
+        if clean && self.has_no_children() {
+            return Ok(());
+        }
+        self.driver.flush().await?;
+        self.gens.flushed(gen);
+        Ok(())
     }
 
     /// Allocation status from `offset` for at most `len` bytes.
@@ -572,7 +626,9 @@ impl Node {
     pub async fn truncate(&self, size: u64) -> Result<()> {
         self.check_write_allowed()?;
         let _guard = self.inflight.enter();
-        self.driver.truncate(size).await
+        let r = self.driver.truncate(size).await;
+        self.gens.bump();
+        r
     }
 
     /// Drain, flush (unless read-only) and close the driver.
@@ -613,6 +669,69 @@ pub fn is_all_zero(buf: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mem::MemDriver;
+
+    /// MemDriver that counts the flushes reaching it.
+    #[derive(Debug)]
+    struct CountFlushes(MemDriver, Arc<AtomicUsize>);
+
+    impl BlockDriver for CountFlushes {
+        fn driver_name(&self) -> &'static str {
+            "count-flushes"
+        }
+        fn len(&self) -> u64 {
+            self.0.len()
+        }
+        fn read(&self, offset: u64, buf: IoBuf) -> crate::BoxFut<'_, IoBuf> {
+            self.0.read(offset, buf)
+        }
+        fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> crate::BoxFut<'_, IoBuf> {
+            self.0.write(offset, buf, flags)
+        }
+        fn discard(&self, offset: u64, len: u64) -> crate::BoxFut<'_, ()> {
+            self.0.discard(offset, len)
+        }
+        fn flush(&self) -> crate::BoxFut<'_, ()> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            self.0.flush()
+        }
+        fn image_info(&self) -> crate::ImageInfo {
+            self.0.image_info()
+        }
+    }
+
+    #[tokio::test]
+    async fn test_leaf_flush_skipped_when_nothing_was_written_since() {
+        let flushes = Arc::new(AtomicUsize::new(0));
+        let drv = CountFlushes(MemDriver::new(1 << 20), Arc::clone(&flushes));
+        let opts = CommonOptions {
+            discard_unmap: true,
+            ..CommonOptions::default()
+        };
+        let n = Node::new("n0".into(), false, opts, Box::new(drv), vec![]);
+        let count = || flushes.load(Ordering::SeqCst);
+        n.flush().await.unwrap();
+        assert_eq!(count(), 0, "nothing written since open");
+        n.write(0, IoBuf::new(4096), WriteFlags::default())
+            .await
+            .unwrap();
+        n.flush().await.unwrap();
+        n.flush().await.unwrap();
+        assert_eq!(count(), 1);
+        n.write_zeroes(0, 4096, ZeroFlags::default()).await.unwrap();
+        n.flush().await.unwrap();
+        assert_eq!(count(), 2);
+        n.discard(0, 4096).await.unwrap();
+        n.flush().await.unwrap();
+        assert_eq!(count(), 3);
+        // A write that fails still counts (qemu's rule): flush again.
+        assert!(n
+            .write(2 << 20, IoBuf::new(4096), WriteFlags::default())
+            .await
+            .is_err());
+        n.flush().await.unwrap();
+        assert_eq!(count(), 4);
+    }
 
     #[test]
     fn test_widen_unaligned_range_covers_blocks() {

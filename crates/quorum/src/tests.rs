@@ -439,12 +439,17 @@ async fn test_flush_errors_are_reported_with_empty_range() {
     let q = env.quorum(3, json!({"vote-threshold": 2})).await;
     let blk = backend(&q);
     env.kid(2).set(|f| f.flush = Some(5));
+    // A child with nothing written since its last flush is not flushed
+    // (qemu's write generation): write first.
+    let write = || blk.write(0, filled(512, 1), WriteFlags::default());
+    write().await.unwrap();
     blk.flush().await.unwrap();
     assert_eq!(
         env.take_events(),
         vec![bad("flush", "f2", 0, 0, Some("Input/output error"))]
     );
     env.kid(1).set(|f| f.flush = Some(5));
+    write().await.unwrap();
     assert_eq!(blk.flush().await.unwrap_err().errno(), 5);
     // No QUORUM_FAILURE for flushes.
     assert_eq!(env.take_events().len(), 2);
