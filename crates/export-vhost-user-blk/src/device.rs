@@ -383,18 +383,25 @@ impl BlkDevice {
     }
 
     /// SET_VRING_KICK with a descriptor: read `kick` on queue `index`'s
-    /// runtime from now on, and forward what cannot be served there to
-    /// `proxy`, the eventfd the backend crate was given instead (see `kick`).
-    /// False for a queue index out of range (the caller then leaves the
-    /// message alone).
-    pub(crate) fn serve_kicks(&self, index: usize, kick: OwnedFd, proxy: std::fs::File) -> bool {
-        let Some(q) = self.queues.get(index) else {
-            return false;
-        };
+    /// runtime from now on, and forward what cannot be served there to a
+    /// proxy eventfd, which is returned for the backend crate to watch
+    /// instead (see `kick`). On error nothing watches `kick`, and the caller
+    /// gives the backend crate the front-end's eventfd as before.
+    pub(crate) fn serve_kicks(&self, index: usize, kick: OwnedFd) -> io::Result<OwnedFd> {
+        let q = self
+            .queues
+            .get(index)
+            .ok_or_else(|| io::Error::other(format!("no queue {index}")))?;
         q.stop_kicks();
-        let task = q.rt.spawn(crate::kick::serve(Arc::clone(q), kick, proxy));
+        let (theirs, ours) = crate::kick::proxy()?;
+        let watch = {
+            // Registered with the reactor of the runtime that will read it.
+            let _rt = q.rt.enter();
+            qsd_rt::EventFdWatch::new(kick)?
+        };
+        let task = q.rt.spawn(crate::kick::serve(Arc::clone(q), watch, ours));
         *q.kick_task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task.abort_handle());
-        true
+        Ok(theirs)
     }
 
     /// The connection ended: stop reading its kick eventfds.
@@ -782,6 +789,34 @@ mod tests {
     #[test]
     fn test_file_direct_requests_with_odd_guest_addresses_roundtrip() {
         file_roundtrip(true);
+    }
+
+    #[test]
+    fn test_serve_kicks_refuses_what_it_cannot_watch() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (_g, backend) = null_backend(&rt);
+        let dev = device(&rt, backend);
+        let efd = || {
+            OwnedFd::from(
+                nix::sys::eventfd::EventFd::from_value_and_flags(
+                    0,
+                    nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
+                )
+                .unwrap(),
+            )
+        };
+        // A queue that does not exist, and a descriptor epoll cannot watch:
+        // the relay then forwards the front-end's own eventfd.
+        assert!(dev.serve_kicks(5, efd()).is_err());
+        let file = OwnedFd::from(tempfile::tempfile().unwrap());
+        assert!(dev.serve_kicks(0, file).is_err());
+        // An eventfd is watched, and a proxy comes back for the backend crate.
+        assert!(dev.serve_kicks(0, efd()).is_ok());
+        dev.stop_kicks();
     }
 
     #[test]

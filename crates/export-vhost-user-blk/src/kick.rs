@@ -42,25 +42,18 @@ pub(crate) fn poke(proxy: &File) {
     }
 }
 
-/// Serve the kicks of `kick` until the task is aborted (a new kick fd for
-/// the ring, or the connection ended) or the descriptor fails.
-pub(crate) async fn serve(q: Arc<QueueCtx>, kick: OwnedFd, proxy: File) {
-    let watch = match EventFdWatch::new(kick) {
-        Ok(w) => w,
-        Err(e) => {
-            // Without our own watch every kick goes through the backend
-            // crate: hand it one now (there may be one pending) and leave
-            // the front-end's eventfd alone.
-            tracing::warn!("vhost-user-blk: kicks go through the vring thread: {e}");
-            poke(&proxy);
-            return;
-        }
-    };
+/// Serve the kicks `watch` sees until the task is aborted (a new kick fd
+/// for the ring, or the connection ended) or the descriptor fails.
+pub(crate) async fn serve(q: Arc<QueueCtx>, watch: EventFdWatch, proxy: File) {
     loop {
         match watch.wait().await {
             Ok(_) => q.on_kick(&proxy),
             Err(e) => {
-                tracing::warn!("vhost-user-blk: kick eventfd: {e}");
+                // Hand over to the backend crate's thread: nothing reads
+                // the front-end's eventfd any more, so the ring stalls
+                // until the front-end sets a new one.
+                tracing::error!("vhost-user-blk: kick eventfd failed: {e}");
+                poke(&proxy);
                 return;
             }
         }

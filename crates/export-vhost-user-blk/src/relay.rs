@@ -342,23 +342,18 @@ impl Relay {
             None
         };
         let tracked = self.dev.ring_starting(index);
-        match kick.as_ref().map(|_| crate::kick::proxy()) {
-            Some(Ok((theirs, ours))) => {
-                write_msg(
-                    daemon,
-                    m.request,
-                    m.flags,
-                    &m.payload,
-                    &[theirs.as_raw_fd()],
-                )?;
-                if let Some(k) = kick.as_ref().and_then(|k| k.try_clone().ok()) {
-                    if !self.dev.serve_kicks(index, k, ours) {
-                        tracing::debug!("vhost-user-blk: no queue {index} to read kicks for");
-                    }
-                }
+        let own = kick
+            .as_ref()
+            .and_then(|k| k.try_clone().ok())
+            .map(|k| self.dev.serve_kicks(index, k));
+        match own {
+            Some(Ok(proxy)) => {
+                write_msg(daemon, m.request, m.flags, &m.payload, &[proxy.as_raw_fd()])?;
             }
             Some(Err(e)) => {
-                tracing::warn!("vhost-user-blk: kicks go through the vring thread: {e}");
+                tracing::warn!(
+                    "vhost-user-blk: ring {index}: kicks go through the vring thread: {e}"
+                );
                 forward(daemon, m)?;
             }
             None => forward(daemon, m)?,
