@@ -19,7 +19,6 @@ Needs root (FUSE mounts) and /dev/fuse.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -118,21 +117,9 @@ def measure(spec: lib.DaemonSpec, target: lib.Target, job: str, args) -> lib.Sam
 
 
 def main() -> None:
-    a_def, b_def = lib.default_pair()
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--a", default=a_def.binary, help="daemon A (default qsd)")
-    p.add_argument("--b", default=b_def.binary, help="daemon B (default qemu-storage-daemon)")
-    p.add_argument("--image", default="/var/tmp/qsd-bench.raw")
-    p.add_argument("--size", type=int, default=1024 * lib.MiB)
+    p = lib.bench_parser(__doc__, JOBS, "/var/tmp/qsd-bench.raw")
     p.add_argument("--format", choices=["raw", "qcow2"], default="raw")
-    p.add_argument("--runtime", type=int, default=10, help="seconds per job run")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--jobs", default=",".join(JOBS), help="comma-separated job names")
-    p.add_argument("--file-opts", default="cache.direct=on",
-                   help="extra options of the file node, same for both daemons")
     p.add_argument("--iothread", action="store_true", help="run the export on an iothread")
-    p.add_argument("--daemon-cpus", default="", help="taskset CPU list for the daemon")
     p.add_argument("--fio-cpus", default="", help="fio cpus_allowed list")
     args = p.parse_args()
 
@@ -141,10 +128,7 @@ def main() -> None:
         raise SystemExit("FUSE exports need root and /dev/fuse")
     a, b = lib.DaemonSpec("A", args.a), lib.DaemonSpec("B", args.b)
     a.resolved(), b.resolved()
-    jobs = [j for j in args.jobs.split(",") if j]
-    unknown = [j for j in jobs if j not in JOBS]
-    if unknown:
-        raise SystemExit(f"unknown jobs {unknown}; known: {list(JOBS)}")
+    jobs = lib.selected_jobs(args.jobs, JOBS)
 
     image = prepare_image(Path(args.image), args.size, args.format)
     target = fuse_target(image, args.format, args.file_opts, args.iothread)

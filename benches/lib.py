@@ -12,6 +12,7 @@ Later benchmarks (qcow2, FUSE, vhost-user) reuse this by passing their own
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -48,6 +49,36 @@ def default_pair() -> tuple[DaemonSpec, DaemonSpec]:
     a = os.environ.get("BENCH_A", str(REPO_ROOT / "target" / "release" / "qsd"))
     b = os.environ.get("BENCH_B", "qemu-storage-daemon")
     return DaemonSpec("A", a), DaemonSpec("B", b)
+
+
+def bench_parser(doc: str, jobs: Sequence[str], image: str, runtime_type=int,
+                 image_help: Optional[str] = None) -> argparse.ArgumentParser:
+    """The options every bench takes: the two daemons, the image, its size,
+    run length and repeats, the jobs, the file node's options and the
+    daemon's CPUs. A bench adds its own (client CPUs, formats...)."""
+    a_def, b_def = default_pair()
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--a", default=a_def.binary, help="daemon A (default qsd)")
+    p.add_argument("--b", default=b_def.binary, help="daemon B (default qemu-storage-daemon)")
+    p.add_argument("--image", default=image, help=image_help)
+    p.add_argument("--size", type=int, default=1024 * MiB)
+    p.add_argument("--runtime", type=runtime_type, default=10, help="seconds per job run")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--jobs", default=",".join(jobs), help="comma-separated job names")
+    p.add_argument("--file-opts", default="cache.direct=on",
+                   help="extra options of the file node, same for both daemons")
+    p.add_argument("--daemon-cpus", default="", help="taskset CPU list for the daemon")
+    return p
+
+
+def selected_jobs(arg: str, known: Sequence[str]) -> list[str]:
+    """The jobs named in `--jobs`, refusing unknown names."""
+    jobs = [j for j in arg.split(",") if j]
+    unknown = [j for j in jobs if j not in known]
+    if unknown:
+        raise SystemExit(f"unknown jobs {unknown}; known: {list(known)}")
+    return jobs
 
 
 # ---------------------------------------------------------------------------

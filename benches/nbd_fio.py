@@ -13,7 +13,6 @@ MiB/s of each daemon, the ratio A/B, and server CPU time per I/O.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -68,19 +67,7 @@ def measure(spec: lib.DaemonSpec, target: lib.Target, job: str, args) -> lib.Sam
 
 
 def main() -> None:
-    a_def, b_def = lib.default_pair()
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--a", default=a_def.binary, help="daemon A (default qsd)")
-    p.add_argument("--b", default=b_def.binary, help="daemon B (default qemu-storage-daemon)")
-    p.add_argument("--image", default="/var/tmp/qsd-bench.raw")
-    p.add_argument("--size", type=int, default=1024 * lib.MiB)
-    p.add_argument("--runtime", type=int, default=10, help="seconds per job run")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--jobs", default=",".join(JOBS), help="comma-separated job names")
-    p.add_argument("--file-opts", default="cache.direct=on",
-                   help="extra options of the file node, same for both daemons")
-    p.add_argument("--daemon-cpus", default="", help="taskset CPU list for the daemon")
+    p = lib.bench_parser(__doc__, JOBS, "/var/tmp/qsd-bench.raw")
     p.add_argument("--fio-cpus", default="", help="fio cpus_allowed list")
     args = p.parse_args()
 
@@ -89,10 +76,7 @@ def main() -> None:
         raise SystemExit("fio on this machine has no nbd engine (needs fio built with libnbd)")
     a, b = lib.DaemonSpec("A", args.a), lib.DaemonSpec("B", args.b)
     a.resolved(), b.resolved()
-    jobs = [j for j in args.jobs.split(",") if j]
-    unknown = [j for j in jobs if j not in JOBS]
-    if unknown:
-        raise SystemExit(f"unknown jobs {unknown}; known: {list(JOBS)}")
+    jobs = lib.selected_jobs(args.jobs, JOBS)
 
     image = lib.prepare_raw_image(Path(args.image), args.size)
     target = lib.nbd_raw_target(image, args.file_opts)

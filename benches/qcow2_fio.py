@@ -122,26 +122,16 @@ def measure(spec: lib.DaemonSpec, job: Job, args) -> lib.Sample:
 
 
 def parse_args() -> argparse.Namespace:
-    a_def, b_def = lib.default_pair()
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--a", default=a_def.binary, help="daemon A (default qsd)")
-    p.add_argument("--b", default=b_def.binary, help="daemon B (default qemu-storage-daemon)")
-    p.add_argument("--image", type=Path, default=Path("/var/tmp/qsd-bench.qcow2"),
-                   help="the allocated image (made once, reused)")
+    p = lib.bench_parser(__doc__, JOBS, "/var/tmp/qsd-bench.qcow2",
+                         image_help="the allocated image (made once, reused)")
     p.add_argument("--empty", type=Path, default=Path("/var/tmp/qsd-bench-empty.qcow2"),
                    help="the empty image, re-created before every allocating run")
-    p.add_argument("--size", type=int, default=1024 * lib.MiB)
-    p.add_argument("--runtime", type=int, default=10, help="seconds per job run")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--jobs", default=",".join(JOBS), help="comma-separated job names")
-    p.add_argument("--file-opts", default="cache.direct=on",
-                   help="extra options of the file node, same for both daemons")
     p.add_argument("--qcow2-opts", default="",
                    help="extra options of the qcow2 node, e.g. l2-cache-size=4M")
-    p.add_argument("--daemon-cpus", default="", help="taskset CPU list for the daemon")
     p.add_argument("--fio-cpus", default="", help="fio cpus_allowed list")
-    return p.parse_args()
+    args = p.parse_args()
+    args.image = Path(args.image)
+    return args
 
 
 def main() -> None:
@@ -152,10 +142,7 @@ def main() -> None:
         raise SystemExit("fio on this machine has no nbd engine (needs fio built with libnbd)")
     a, b = lib.DaemonSpec("A", args.a), lib.DaemonSpec("B", args.b)
     a.resolved(), b.resolved()
-    jobs = [j for j in args.jobs.split(",") if j]
-    unknown = [j for j in jobs if j not in JOBS]
-    if unknown:
-        raise SystemExit(f"unknown jobs {unknown}; known: {list(JOBS)}")
+    jobs = lib.selected_jobs(args.jobs, JOBS)
 
     if any(not JOBS[j].empty for j in jobs):
         prepare_allocated(args.image, args.size)

@@ -110,22 +110,10 @@ def measure(spec: lib.DaemonSpec, target: lib.Target, job: str, args) -> lib.Sam
 
 
 def parse_args() -> argparse.Namespace:
-    a_def, b_def = lib.default_pair()
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--a", default=a_def.binary, help="daemon A (default qsd)")
-    p.add_argument("--b", default=b_def.binary, help="daemon B (default qemu-storage-daemon)")
+    p = lib.bench_parser(__doc__, JOBS, "/var/tmp/qsd-bench-vhost.raw", runtime_type=float)
     p.add_argument("--client", default=default_client(), help="the blkio_load binary")
-    p.add_argument("--image", default="/var/tmp/qsd-bench-vhost.raw")
-    p.add_argument("--size", type=int, default=1024 * lib.MiB)
-    p.add_argument("--runtime", type=float, default=10, help="seconds per job run")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--jobs", default=",".join(JOBS), help="comma-separated job names")
-    p.add_argument("--file-opts", default="cache.direct=on",
-                   help="extra options of the file node, same for both daemons")
     p.add_argument("--iothread", action="store_true",
                    help="run the export in an iothread object (both daemons)")
-    p.add_argument("--daemon-cpus", default="", help="taskset CPU list for the daemon")
     p.add_argument("--client-cpus", default="", help="taskset CPU list for the client")
     return p.parse_args()
 
@@ -137,10 +125,7 @@ def main() -> None:
     if not os.access(args.client, os.X_OK):
         raise SystemExit(f"client {args.client} not found; build it with: cargo build "
                          "--release --example blkio_load -p qsd-export-vhost-user-blk")
-    jobs = [j for j in args.jobs.split(",") if j]
-    unknown = [j for j in jobs if j not in JOBS]
-    if unknown:
-        raise SystemExit(f"unknown jobs {unknown}; known: {list(JOBS)}")
+    jobs = lib.selected_jobs(args.jobs, JOBS)
 
     image = lib.prepare_raw_image(Path(args.image), args.size)
     target = vhost_target(image, args.file_opts, args.iothread)
