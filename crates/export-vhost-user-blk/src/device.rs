@@ -661,6 +661,16 @@ mod tests {
         BlkDevice::new(shared)
     }
 
+    /// A runtime with one worker thread, as an export's I/O thread (with
+    /// the reactor: kick watches register there).
+    fn one_worker_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     /// A vring over `mq`'s rings, ready to pop.
     fn vring(gm: &Gm, mq: &MockSplitQueue<'_, Mem>) -> Vring {
         let vring = Vring::new(gm.clone(), 16).unwrap();
@@ -693,10 +703,7 @@ mod tests {
     /// copy), one split into two distant segments (copied), one at an odd
     /// address (zero copy; bounced by the file driver under O_DIRECT).
     fn file_roundtrip(direct: bool) {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .build()
-            .unwrap();
+        let rt = one_worker_runtime();
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let path = dir.path().join("img");
         std::fs::File::create(&path)
@@ -793,11 +800,7 @@ mod tests {
 
     #[test]
     fn test_serve_kicks_refuses_what_it_cannot_watch() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = one_worker_runtime();
         let (_g, backend) = null_backend(&rt);
         let dev = device(&rt, backend);
         let efd = || {
@@ -821,10 +824,7 @@ mod tests {
 
     #[test]
     fn test_process_queue_bad_chains_get_error_status_not_panic() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .build()
-            .unwrap();
+        let rt = one_worker_runtime();
         let (_g, backend) = null_backend(&rt);
         let dev = device(&rt, backend);
         let mem = Mem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
