@@ -54,18 +54,8 @@ def fuse_target(image: Path, fmt: str, file_opts: str, iothread: bool) -> lib.Ta
         mnt = workdir / "mnt"
         mnt.write_bytes(b"")
         qmp = workdir / "qmp.sock"
-        opts = f",{file_opts}" if file_opts else ""
-        io = ",iothread=io0" if iothread else ""
-        pre = ["--object", "iothread,id=io0"] if iothread else []
-        return ([
-            *pre,
-            "--blockdev", f"driver=file,node-name=file0,filename={image}{opts}",
-            "--blockdev", f"driver={fmt},node-name=fmt0,file=file0",
-            "--export", f"type=fuse,id=exp0,node-name=fmt0,mountpoint={mnt},"
-                        f"writable=on{io}",
-            "--chardev", f"socket,id=mon0,path={qmp},server=on,wait=off",
-            "--monitor", "chardev=mon0",
-        ], qmp)
+        export = f"type=fuse,id=exp0,node-name=fmt0,mountpoint={mnt},writable=on"
+        return lib.export_args(image, fmt, file_opts, export, iothread, qmp), qmp
 
     return lib.Target(args, lambda sock: str(sock.parent / "mnt"))
 

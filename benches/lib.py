@@ -189,6 +189,26 @@ def nbd_raw_target(image: Path, file_opts: str = "cache.direct=on",
     return Target(args, lambda sock: f"nbd+unix:///{export}?socket={sock}")
 
 
+def export_args(image: Path, fmt: str, file_opts: str, export: str, iothread: bool,
+                qmp: Path) -> list[str]:
+    """`image` on a file node `file0` (with `file_opts`) under a `fmt` node
+    `fmt0`, exported by `export` (its options, without the iothread), then a
+    QMP monitor on `qmp`. The monitor is set up after the export, so its
+    socket tells when the export is ready. With `iothread`, the export runs
+    on iothread `io0`."""
+    opts = f",{file_opts}" if file_opts else ""
+    io = ",iothread=io0" if iothread else ""
+    pre = ["--object", "iothread,id=io0"] if iothread else []
+    return [
+        *pre,
+        "--blockdev", f"driver=file,node-name=file0,filename={image}{opts}",
+        "--blockdev", f"driver={fmt},node-name=fmt0,file=file0",
+        "--export", f"{export}{io}",
+        "--chardev", f"socket,id=mon0,path={qmp},server=on,wait=off",
+        "--monitor", "chardev=mon0",
+    ]
+
+
 def start(spec: DaemonSpec, target: Target, workdir: Path,
           timeout: float = 10.0, cpus: str = "") -> Running:
     """Start the daemon and wait (polling) until its socket is connectable.

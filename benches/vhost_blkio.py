@@ -66,18 +66,9 @@ def vhost_target(image: Path, file_opts: str, iothread: bool) -> lib.Target:
         if vsock.exists():
             vsock.unlink()
         qmp = workdir / "qmp.sock"
-        opts = f",{file_opts}" if file_opts else ""
-        io = ",iothread=io0" if iothread else ""
-        pre = ["--object", "iothread,id=io0"] if iothread else []
-        return ([
-            *pre,
-            "--blockdev", f"driver=file,node-name=file0,filename={image}{opts}",
-            "--blockdev", "driver=raw,node-name=fmt0,file=file0",
-            "--export", f"type=vhost-user-blk,id=exp0,node-name=fmt0,addr.type=unix,"
-                        f"addr.path={vsock},writable=on,num-queues=1{io}",
-            "--chardev", f"socket,id=mon0,path={qmp},server=on,wait=off",
-            "--monitor", "chardev=mon0",
-        ], qmp)
+        export = (f"type=vhost-user-blk,id=exp0,node-name=fmt0,addr.type=unix,"
+                  f"addr.path={vsock},writable=on,num-queues=1")
+        return lib.export_args(image, "raw", file_opts, export, iothread, qmp), qmp
 
     return lib.Target(args, lambda sock: str(sock.parent / "vhost.sock"))
 
