@@ -43,7 +43,7 @@ impl BufPool {
         if !(POOL_MIN..=MAX_IO).contains(&len) {
             return IoBuf::new(len);
         }
-        let mut buf = self.lock().pop().unwrap_or_else(|| IoBuf::new(MAX_IO));
+        let mut buf = self.lock().pop().unwrap_or_else(|| IoBuf::new_huge(MAX_IO));
         buf.resize(len);
         buf
     }

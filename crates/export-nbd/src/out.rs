@@ -288,7 +288,8 @@ impl BufPool {
                 Ok(mut g) => g[c].pop(),
                 Err(_) => None,
             };
-            let mut buf = popped.unwrap_or_else(|| IoBuf::new(1 << (c as u32 + POOL_MIN_SHIFT)));
+            let mut buf =
+                popped.unwrap_or_else(|| IoBuf::new_huge(1 << (c as u32 + POOL_MIN_SHIFT)));
             buf.resize(len);
             return buf;
         }

@@ -46,7 +46,7 @@ impl BufPool {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop();
-        let mut buf = reused.unwrap_or_else(|| IoBuf::new(MIN_CAP << idx));
+        let mut buf = reused.unwrap_or_else(|| IoBuf::new_huge(MIN_CAP << idx));
         buf.resize(len);
         buf
     }

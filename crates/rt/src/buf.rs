@@ -1,9 +1,11 @@
 //! `IoBuf`: a byte buffer that can be handed to the kernel or a device.
 //!
 //! Two kinds of storage:
-//! - **owned** (`new`, `from_slice`): a heap allocation aligned to
-//!   [`IO_ALIGN`], every byte initialised (zeroed) when made, so changing
-//!   the length within the capacity never exposes uninitialised memory;
+//! - **owned** (`new`, `from_slice`, `new_huge`): a heap allocation
+//!   aligned to [`IO_ALIGN`] (for `new_huge` from 1 MiB up, part of a
+//!   huge-page region instead: see `huge`), every byte initialised (zeroed)
+//!   when made, so changing the length within the capacity never exposes
+//!   uninitialised memory;
 //! - **external** (`from_external`): memory someone else mapped (a guest's
 //!   RAM), kept valid by an `owner` handle the buffer holds until it is
 //!   dropped. Its address is whatever the caller gave; code that needs
@@ -28,6 +30,12 @@ pub const IO_ALIGN: usize = 4096;
 enum Storage {
     /// Allocated by `IoBuf::new` with `IoBuf::layout(cap)`.
     Owned,
+    /// Part of a huge-page region, unmapped when its last buffer drops
+    /// (large buffers; see `huge`).
+    Huge(
+        #[expect(dead_code, reason = "held, never read: keeps the region mapped")]
+        Arc<crate::huge::Region>,
+    ),
     /// Not ours: valid while this handle lives (see `from_external`).
     External(
         #[expect(dead_code, reason = "held, never read: keeps the memory mapped")]
@@ -51,6 +59,26 @@ unsafe impl Send for IoBuf {}
 unsafe impl Sync for IoBuf {}
 
 impl IoBuf {
+    /// A zero-filled buffer of `len` bytes, for buffers that are kept and
+    /// reused (pools): from 1 MiB up it lies in memory advised for huge
+    /// pages, so a disk sees it as one physically contiguous segment rather
+    /// than 256 (see `huge`). Each such buffer is a fresh mapping, so
+    /// buffers made and dropped per request should use [`IoBuf::new`].
+    pub fn new_huge(len: usize) -> Self {
+        let cap = len.max(1).next_multiple_of(IO_ALIGN);
+        if cap >= crate::huge::HALF {
+            if let Some((ptr, region)) = crate::huge::CARVER.alloc(cap) {
+                return IoBuf {
+                    ptr,
+                    len,
+                    cap,
+                    storage: Storage::Huge(region),
+                };
+            }
+        }
+        IoBuf::new(len)
+    }
+
     /// A zero-filled buffer of `len` bytes.
     pub fn new(len: usize) -> Self {
         let cap = len.max(1).next_multiple_of(IO_ALIGN);

@@ -13,6 +13,7 @@
 
 pub mod buf;
 mod eventfd;
+mod huge;
 pub mod io;
 mod op;
 mod probe;
