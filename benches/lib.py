@@ -13,6 +13,7 @@ Later benchmarks (qcow2, FUSE, vhost-user) reuse this by passing their own
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -308,6 +309,33 @@ def markdown_table(results: Sequence[Result], a: DaemonSpec, b: DaemonSpec) -> s
         lines.append(f"| {r.job} | {va:,.0f} {r.unit} | {vb:,.0f} {r.unit} | {ratio(va, vb)} "
                      f"| {ca:.1f} | {cb:.1f} | {ratio(ca, cb)} |")
     return "\n".join(lines)
+
+
+def wake_floor(client_cpus: str, daemon_cpus: str) -> str:
+    """One line giving this machine's floor for a queue-depth-1 exchange
+    between the client's CPU and the daemon's: an eventfd ping-pong between
+    two threads pinned there (the `wake_floor` example of qsd-rt, or
+    $BENCH_WAKE_FLOOR). On a virtual machine a cross-CPU wake-up is costly,
+    and at QD 1 that cost is most of both daemons' time and CPU per I/O."""
+    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO_ROOT / "target"))
+    tool = os.environ.get("BENCH_WAKE_FLOOR",
+                          str(target / "release" / "examples" / "wake_floor"))
+    if not os.access(tool, os.X_OK):
+        return ("wake-up floor: not measured (build it with: cargo build --release "
+                "--example wake_floor -p qsd-rt)")
+    def first(cpus: str, default: str) -> str:
+        return cpus.replace("-", ",").split(",")[0] or default
+
+    client, server = first(client_cpus, "1"), first(daemon_cpus, "0")
+    proc = subprocess.run([tool, client, server, "20000"], capture_output=True, text=True,
+                          timeout=60)
+    if proc.returncode != 0:
+        return f"wake-up floor: not measured ({proc.stderr.strip()})"
+    f = json.loads(proc.stdout.strip().splitlines()[-1])
+    return (f"wake-up floor (eventfd ping-pong, CPU {client} <-> CPU {server}, no I/O): "
+            f"{f['us_per_round_trip']:.1f} µs per round trip "
+            f"({f['round_trips_per_s']:,.0f}/s), "
+            f"{f['server_cpu_us_per_round_trip']:.1f} µs CPU on the daemon's side")
 
 
 def need_tool(name: str, package: str) -> None:

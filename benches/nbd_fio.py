@@ -87,6 +87,7 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(lib.markdown_table(results, a, b))
+    print("\n" + lib.wake_floor(args.fio_cpus, args.daemon_cpus))
 
 
 if __name__ == "__main__":

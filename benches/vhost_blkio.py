@@ -132,6 +132,7 @@ def main() -> None:
           f"{', iothread' if args.iothread else ''}; client: libblkio blkio_load; "
           f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end\n")
     print(lib.markdown_table(results, a, b))
+    print("\n" + lib.wake_floor(args.client_cpus, args.daemon_cpus))
 
 
 if __name__ == "__main__":
