@@ -181,6 +181,19 @@ def test_blkdebug_flush_to_disk_only_after_a_write(workdir, start_daemon):
     s.assert_alive()
 
 
+def test_blkdebug_pwritev_event_arms_rule(workdir, start_daemon):
+    """Every write fires pwritev at the node written (passed down to
+    blkdebug), zero writes pwritev_zero: a once-rule on it fails just the
+    next write."""
+    s = Setup(workdir, start_daemon,
+              ",inject-error.0.event=pwritev,inject-error.0.iotype=write"
+              ",inject-error.0.errno=28,inject-error.0.once=on")
+    out = qemu_io_out(s.uri, "read -P 0 0 4k", "write -P 1 0 4k", "write -P 2 0 4k",
+                      "read -P 2 0 4k")
+    assert failed_lines(out) == ["write failed: No space left on device"], out
+    s.assert_alive()
+
+
 def test_blkdebug_limits_keep_data_intact(workdir, start_daemon):
     """align and max-transfer make the layers above split and pad."""
     s = Setup(workdir, start_daemon, ",align=4096,max-transfer=65536"

@@ -491,11 +491,23 @@ impl Node {
         }
         let align = self.align();
         if is_aligned(offset, buf.len() as u64, align) {
-            return self.driver.write(offset, buf, flags).await;
+            return self.write_aligned(offset, buf, flags).await;
         }
         self.write_unaligned(offset, buf, flags, align).await
     }
 
+    /// The driver's write, between qemu's `pwritev` (not for compressed
+    /// writes) and `pwritev_done` debug events, fired at this node.
+    async fn write_aligned(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
+        if !flags.compress {
+            self.debug_event(DebugEvent::Pwritev);
+        }
+        let r = self.driver.write(offset, buf, flags).await;
+        self.debug_event(DebugEvent::PwritevDone);
+        r
+    }
+
+    /// Read-modify-write of the blocks the request only partly covers.
     async fn write_unaligned(
         &self,
         offset: u64,
@@ -505,12 +517,70 @@ impl Node {
     ) -> Result<IoBuf> {
         let _rmw = self.rmw.lock().await;
         let (start, end) = widen(offset, buf.len() as u64, align);
-        let bounce = IoBuf::new((end - start) as usize);
-        let mut bounce = self.driver.read(start, bounce).await?;
+        let padded = IoBuf::new((end - start) as usize);
+        let covered = (offset, offset + buf.len() as u64);
+        let mut padded = self.read_padding(padded, start, covered, align).await?;
         let head = (offset - start) as usize;
-        bounce[head..head + buf.len()].copy_from_slice(&buf);
-        self.driver.write(start, bounce, flags).await?;
+        padded[head..head + buf.len()].copy_from_slice(&buf);
+        self.write_aligned(start, padded, flags).await?;
         Ok(buf)
+    }
+
+    /// Fill the head and tail blocks of `padded` (the aligned range from
+    /// `start` around the bytes `covered`) from the driver: one read when
+    /// those blocks are the whole range, else one block each, so a large
+    /// unaligned write does not read its middle. Fires qemu's
+    /// `pwritev_rmw_*` debug events in qemu's order.
+    async fn read_padding(
+        &self,
+        mut padded: IoBuf,
+        start: u64,
+        covered: (u64, u64),
+        align: u64,
+    ) -> Result<IoBuf> {
+        let total = padded.len() as u64;
+        let end = start + total;
+        let (head, tail) = (covered.0 != start, covered.1 != end);
+        if total == align || (head && tail && total == 2 * align) {
+            self.rmw_events(
+                head,
+                tail,
+                DebugEvent::PwritevRmwHead,
+                DebugEvent::PwritevRmwTail,
+            );
+            let padded = self.driver.read(start, padded).await?;
+            self.rmw_events(
+                head,
+                tail,
+                DebugEvent::PwritevRmwAfterHead,
+                DebugEvent::PwritevRmwAfterTail,
+            );
+            return Ok(padded);
+        }
+        let block = align as usize;
+        if head {
+            self.debug_event(DebugEvent::PwritevRmwHead);
+            let b = self.driver.read(start, IoBuf::new(block)).await?;
+            padded[..block].copy_from_slice(&b);
+            self.debug_event(DebugEvent::PwritevRmwAfterHead);
+        }
+        if tail {
+            self.debug_event(DebugEvent::PwritevRmwTail);
+            let b = self.driver.read(end - align, IoBuf::new(block)).await?;
+            let at = padded.len() - block;
+            padded[at..].copy_from_slice(&b);
+            self.debug_event(DebugEvent::PwritevRmwAfterTail);
+        }
+        Ok(padded)
+    }
+
+    fn rmw_events(&self, head: bool, tail: bool, on_head: DebugEvent, on_tail: DebugEvent) {
+        if head {
+            self.debug_event(on_head);
+        }
+        if tail {
+            self.debug_event(on_tail);
+        }
     }
 
     /// Make a range read as zeroes.
@@ -527,24 +597,27 @@ impl Node {
 
     async fn zeroes_inner(&self, offset: u64, len: u64, mut flags: ZeroFlags) -> Result<()> {
         flags.may_unmap &= self.opts.discard_unmap;
-        let align = self.align();
-        if is_aligned(offset, len, align) {
-            match self.driver.write_zeroes(offset, len, flags).await {
-                Err(e) if e.kind() == ErrorKind::Unsupported && !flags.no_fallback => {}
-                other => return other,
+        let by_writing = WriteFlags {
+            fua: flags.fua,
+            ..WriteFlags::default()
+        };
+        if !is_aligned(offset, len, self.align()) {
+            if flags.no_fallback {
+                return Err(Error::unsupported("unaligned write-zeroes cannot be fast"));
             }
-        } else if flags.no_fallback {
-            return Err(Error::unsupported("unaligned write-zeroes cannot be fast"));
+            return self.zeroes_by_writing(offset, len, by_writing).await;
         }
-        self.zeroes_by_writing(
-            offset,
-            len,
-            WriteFlags {
-                fua: flags.fua,
-                ..WriteFlags::default()
-            },
-        )
-        .await
+        // qemu's events: `pwritev_zero`, the zeroing (by writing zero
+        // buffers if the driver cannot), then `pwritev_done`.
+        self.debug_event(DebugEvent::PwritevZero);
+        let r = match self.driver.write_zeroes(offset, len, flags).await {
+            Err(e) if e.kind() == ErrorKind::Unsupported && !flags.no_fallback => {
+                self.zeroes_by_writing(offset, len, by_writing).await
+            }
+            other => other,
+        };
+        self.debug_event(DebugEvent::PwritevDone);
+        r
     }
 
     /// The fallback for write-zeroes: write zero buffers, 1 MiB at a time.
@@ -731,6 +804,140 @@ mod tests {
             .is_err());
         n.flush().await.unwrap();
         assert_eq!(count(), 4);
+    }
+
+    /// What reached a [`Recorder`]: debug events and reads, in order.
+    #[derive(Debug, Clone, PartialEq)]
+    enum Seen {
+        Ev(DebugEvent),
+        Read(u64, usize),
+    }
+
+    /// MemDriver with 512-byte alignment that handles (records) every
+    /// debug event, as blkdebug would, and records its reads.
+    #[derive(Debug)]
+    struct Recorder(MemDriver, Arc<std::sync::Mutex<Vec<Seen>>>);
+
+    impl Recorder {
+        fn push(&self, s: Seen) {
+            self.1.lock().unwrap().push(s);
+        }
+    }
+
+    impl BlockDriver for Recorder {
+        fn driver_name(&self) -> &'static str {
+            "recorder"
+        }
+        fn len(&self) -> u64 {
+            self.0.len()
+        }
+        fn limits(&self) -> crate::Limits {
+            crate::Limits {
+                request_alignment: 512,
+                ..crate::Limits::default()
+            }
+        }
+        fn read(&self, offset: u64, buf: IoBuf) -> crate::BoxFut<'_, IoBuf> {
+            self.push(Seen::Read(offset, buf.len()));
+            self.0.read(offset, buf)
+        }
+        fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> crate::BoxFut<'_, IoBuf> {
+            self.0.write(offset, buf, flags)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> crate::BoxFut<'_, ()> {
+            self.0.write_zeroes(offset, len, flags)
+        }
+        fn flush(&self) -> crate::BoxFut<'_, ()> {
+            self.0.flush()
+        }
+        fn debug_event(&self, ev: DebugEvent) -> bool {
+            self.push(Seen::Ev(ev));
+            true
+        }
+        fn image_info(&self) -> crate::ImageInfo {
+            self.0.image_info()
+        }
+    }
+
+    fn recorder() -> (NodeRef, Arc<std::sync::Mutex<Vec<Seen>>>) {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let drv = Recorder(MemDriver::new(1 << 20), Arc::clone(&seen));
+        let n = Node::new(
+            "n0".into(),
+            false,
+            CommonOptions::default(),
+            Box::new(drv),
+            vec![],
+        );
+        (n, seen)
+    }
+
+    fn take(seen: &std::sync::Mutex<Vec<Seen>>) -> Vec<Seen> {
+        std::mem::take(&mut *seen.lock().unwrap())
+    }
+
+    #[tokio::test]
+    async fn test_write_fires_qemu_pwritev_events() {
+        use DebugEvent::*;
+        let (n, seen) = recorder();
+        n.write(0, IoBuf::from_slice(&[1; 1024]), WriteFlags::default())
+            .await
+            .unwrap();
+        assert_eq!(take(&seen), [Seen::Ev(Pwritev), Seen::Ev(PwritevDone)]);
+        n.write_zeroes(1024, 512, ZeroFlags::default())
+            .await
+            .unwrap();
+        assert_eq!(take(&seen), [Seen::Ev(PwritevZero), Seen::Ev(PwritevDone)]);
+    }
+
+    #[tokio::test]
+    async fn test_unaligned_write_reads_one_merged_padding_block() {
+        use DebugEvent::*;
+        let (n, seen) = recorder();
+        // Head and tail in the same block: one read, both events around it.
+        n.write(100, IoBuf::from_slice(&[2; 10]), WriteFlags::default())
+            .await
+            .unwrap();
+        let want = [
+            Seen::Ev(PwritevRmwHead),
+            Seen::Ev(PwritevRmwTail),
+            Seen::Read(0, 512),
+            Seen::Ev(PwritevRmwAfterHead),
+            Seen::Ev(PwritevRmwAfterTail),
+            Seen::Ev(Pwritev),
+            Seen::Ev(PwritevDone),
+        ];
+        assert_eq!(take(&seen), want);
+    }
+
+    #[tokio::test]
+    async fn test_large_unaligned_write_reads_only_head_and_tail_blocks() {
+        use DebugEvent::*;
+        let (n, seen) = recorder();
+        n.write(4096, IoBuf::from_slice(&[7; 8192]), WriteFlags::default())
+            .await
+            .unwrap();
+        take(&seen);
+        // 100..(100 + 8000): blocks 0 and 15 are partial, 1..14 covered.
+        let data: Vec<u8> = (0..8000u32).map(|i| (i % 251) as u8 + 1).collect();
+        n.write(4196, IoBuf::from_slice(&data), WriteFlags::default())
+            .await
+            .unwrap();
+        let want = [
+            Seen::Ev(PwritevRmwHead),
+            Seen::Read(4096, 512),
+            Seen::Ev(PwritevRmwAfterHead),
+            Seen::Ev(PwritevRmwTail),
+            Seen::Read(4096 + 15 * 512, 512),
+            Seen::Ev(PwritevRmwAfterTail),
+            Seen::Ev(Pwritev),
+            Seen::Ev(PwritevDone),
+        ];
+        assert_eq!(take(&seen), want);
+        let got = n.read(4096, IoBuf::new(8192)).await.unwrap();
+        assert!(got[..100].iter().all(|&b| b == 7), "head kept");
+        assert_eq!(&got[100..8100], &data[..]);
+        assert!(got[8100..].iter().all(|&b| b == 7), "tail kept");
     }
 
     #[test]
