@@ -311,18 +311,25 @@ def markdown_table(results: Sequence[Result], a: DaemonSpec, b: DaemonSpec) -> s
     return "\n".join(lines)
 
 
+def example_binary(name: str, env: str) -> str:
+    """The release build of cargo example `name`, or the path in $`env`."""
+    if os.environ.get(env):
+        return os.environ[env]
+    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO_ROOT / "target"))
+    return str(target / "release" / "examples" / name)
+
+
 def wake_floor(client_cpus: str, daemon_cpus: str) -> str:
     """One line giving this machine's floor for a queue-depth-1 exchange
     between the client's CPU and the daemon's: an eventfd ping-pong between
     two threads pinned there (the `wake_floor` example of qsd-rt, or
     $BENCH_WAKE_FLOOR). On a virtual machine a cross-CPU wake-up is costly,
     and at QD 1 that cost is most of both daemons' time and CPU per I/O."""
-    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO_ROOT / "target"))
-    tool = os.environ.get("BENCH_WAKE_FLOOR",
-                          str(target / "release" / "examples" / "wake_floor"))
+    tool = example_binary("wake_floor", "BENCH_WAKE_FLOOR")
     if not os.access(tool, os.X_OK):
         return ("wake-up floor: not measured (build it with: cargo build --release "
                 "--example wake_floor -p qsd-rt)")
+
     def first(cpus: str, default: str) -> str:
         return cpus.replace("-", ",").split(",")[0] or default
 

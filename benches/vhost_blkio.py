@@ -48,12 +48,6 @@ JOBS = {
 }
 
 
-def default_client() -> str:
-    env = os.environ.get("BENCH_BLKIO_LOAD")
-    if env:
-        return env
-    target = Path(os.environ.get("CARGO_TARGET_DIR", lib.REPO_ROOT / "target"))
-    return str(target / "release" / "examples" / "blkio_load")
 
 
 def vhost_target(image: Path, file_opts: str, iothread: bool) -> lib.Target:
@@ -102,7 +96,8 @@ def measure(spec: lib.DaemonSpec, target: lib.Target, job: str, args) -> lib.Sam
 
 def parse_args() -> argparse.Namespace:
     p = lib.bench_parser(__doc__, JOBS, "/var/tmp/qsd-bench-vhost.raw", runtime_type=float)
-    p.add_argument("--client", default=default_client(), help="the blkio_load binary")
+    p.add_argument("--client", default=lib.example_binary("blkio_load", "BENCH_BLKIO_LOAD"),
+                   help="the blkio_load binary")
     p.add_argument("--iothread", action="store_true",
                    help="run the export in an iothread object (both daemons)")
     p.add_argument("--client-cpus", default="", help="taskset CPU list for the client")
