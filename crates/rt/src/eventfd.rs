@@ -1,5 +1,6 @@
 //! Waiting on an eventfd someone else signals (a vhost-user front-end's
-//! kick, for one) from the current runtime, without a thread of its own.
+//! kick, for one) from the current runtime, without a thread of its own;
+//! and registering any other descriptor for reading the same way.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -50,6 +51,18 @@ impl EventFdWatch {
             }
         }
     }
+}
+
+/// Make `fd` non-blocking and register it with the current runtime's
+/// reactor for reading (a `/dev/fuse` connection, for one). The flag
+/// belongs to the open file, so other descriptors of it see it too. Must
+/// run inside a runtime with I/O enabled.
+pub fn readable_async_fd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    set_nonblocking(&fd)?;
+    // SAFETY: `fd` owns the descriptor and moves into the AsyncFd, which
+    // keeps it open and unchanged for as long as it is registered.
+    let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE)? };
+    Ok(fd)
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
