@@ -398,6 +398,30 @@ def test_fuse_export_on_iothread(make_fuse):
         assert fh.read(MiB) == data
 
 
+@pytest.mark.qsd_only
+def test_fuse_daemon_can_open_its_own_mounted_file(make_fuse, fuse_dir):
+    """A FUSE export without an iothread runs on a thread of its own, so the
+    daemon may open the mounted file as a node (or stat it) on its main loop
+    without waiting on itself. qemu-storage-daemon 10.0 serves FUSE on its
+    main loop and hangs in blockdev-add here."""
+    nbd_sock = fuse_dir / "nbd.sock"
+    f = make_fuse(export_opts=",writable=on",
+                  extra_args=["--nbd-server", f"addr.type=unix,addr.path={nbd_sock}"])
+    data = pattern(MiB, 3)
+    with open(f.mnt, "r+b") as fh:
+        fh.write(data)
+    f.qmp.cmd("blockdev-add", driver="file", **{"node-name": "self"}, filename=str(f.mnt))
+    f.qmp.cmd("nbd-server-add", device="self", name="self")
+    uri = harness.nbd_uri(nbd_sock, "self")
+    # The node on the mount reads what was written, as the image holds it.
+    harness.qemu_img("compare", "-f", "raw", "-F", "raw", str(f.img), uri)
+    harness.qemu_io(uri, "read -P 0x03 0 1", "read -P 0x0a 1 1", fmt=None, extra=["-r"])
+    # Another spelling of the same mount point is recognised (a stat of it).
+    err = f.qmp.error("block-export-add", type="fuse", id="e1", **{"node-name": "fmt0"},
+                      mountpoint=f"{f.mnt.parent}/./{f.mnt.name}")
+    assert err.desc.startswith("There already is a FUSE export on")
+
+
 # --------------------------------------------------------------------------
 # Removal
 

@@ -363,7 +363,12 @@ async fn add_fuse(d: &Daemon, o: &BlockExportOptions, f: &BlockExportOptionsFuse
     let mut ex = d.exports.lock().await;
     ex.check_new_id(&o.id)?;
     let (node, writable) = exportable_node(d, o).await?;
-    let io = export_runtime(d, single_iothread(o)?)?;
+    // Without an iothread the export gets a thread of its own, not the
+    // main loop (see `FuseExportOptions::io`).
+    let io = match single_iothread(o)? {
+        Some(id) => Some(export_runtime(d, Some(id))?),
+        None => None,
+    };
     let mounted_there = |e: &Entry| match &e.kind {
         Kind::Fuse(x) => !x.is_removed() && x.is_mounted_at(&f.mountpoint),
         Kind::Nbd(_) | Kind::VhostUserBlk(_) => false,
@@ -381,7 +386,6 @@ async fn add_fuse(d: &Daemon, o: &BlockExportOptions, f: &BlockExportOptionsFuse
             FuseExportAllowOther::Auto => AllowOther::Auto,
         },
         io,
-        threads: qsd_export_fuse::DEFAULT_THREADS,
     };
     // Mounting blocks (mount(2), the FUSE handshake): keep it off this thread.
     let export = tokio::task::spawn_blocking(move || FuseExport::start(node, opts))

@@ -25,9 +25,9 @@ pub enum Error {
         /// Why.
         source: io::Error,
     },
-    /// The session thread could not be started.
+    /// The session's `/dev/fuse` descriptor could not be duplicated.
     #[error("Failed to set up FUSE session: {0}")]
-    Thread(io::Error),
+    Session(io::Error),
     /// The block layer refused (permissions).
     #[error("{0}")]
     Block(#[from] qsd_block::Error),

@@ -1,22 +1,22 @@
-//! One FUSE export: mounting over a regular file, the session threads, and
-//! removal (unmount now; requests in flight finish before the export is
+//! One FUSE export: mounting over a regular file, starting the serving
+//! loop on the export's runtime, and removal (unmount now; requests in flight finish before the export is
 //! gone).
 
+use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
 use qsd_block::{BlockBackend, NodeRef, Perm};
+use qsd_rt::IoThread;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use crate::error::{strerror, Error, Result};
 use crate::fs::ExportFs;
+use crate::serve;
 use crate::state::{Attrs, Shared, MAX_IO};
-
-/// FUSE reader threads per export when the caller does not say.
-pub const DEFAULT_THREADS: usize = 2;
 
 /// qemu's `FuseExportAllowOther`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -41,10 +41,11 @@ pub struct FuseExportOptions {
     pub growable: bool,
     /// Mount with `allow_other`.
     pub allow_other: AllowOther,
-    /// Runtime of the I/O thread (or main loop) requests run on.
-    pub io: Handle,
-    /// FUSE reader threads (at least 1).
-    pub threads: usize,
+    /// Runtime of the I/O thread that reads and runs the requests. `None`:
+    /// a thread of the export's own. Never the main loop: the daemon itself
+    /// may touch the mounted file there (open it as a node, stat it), and
+    /// would then wait for an answer only it could give.
+    pub io: Option<Handle>,
 }
 
 /// The permissions an export takes: consistent read, plus write when
@@ -69,6 +70,11 @@ pub struct FuseExport {
     /// `st_dev` of the mounted file (0 if unknown).
     mount_dev: u64,
     unmounter: Mutex<Option<SessionUnmounter>>,
+    /// fuser's session: it holds the mount (dropping it unmounts) and the
+    /// original `/dev/fuse` descriptor. Its own loop never runs.
+    session: Mutex<Option<Session<ExportFs>>>,
+    /// The export's own I/O thread when it was given none; stopped last.
+    _thread: Option<IoThread>,
 }
 
 impl std::fmt::Debug for FuseExport {
@@ -92,12 +98,7 @@ fn check_regular_file(path: &str) -> Result<()> {
     Ok(())
 }
 
-fn mount(
-    shared: &Arc<Shared>,
-    path: &str,
-    allow_other: bool,
-    threads: usize,
-) -> Result<Session<ExportFs>> {
+fn mount(shared: &Shared, path: &str, allow_other: bool) -> Result<Session<ExportFs>> {
     let mut cfg = Config::default();
     cfg.mount_options = vec![
         MountOption::DefaultPermissions,
@@ -108,15 +109,10 @@ fn mount(
     } else {
         SessionACL::Owner
     };
-    cfg.n_threads = Some(threads.max(1));
-    cfg.clone_fd = true;
     shared
         .allow_other
         .store(allow_other, std::sync::atomic::Ordering::Relaxed);
-    let fs = ExportFs {
-        shared: Arc::clone(shared),
-    };
-    Session::new(fs, path, &cfg).map_err(|source| Error::Mount {
+    Session::new(ExportFs, path, &cfg).map_err(|source| Error::Mount {
         path: path.to_owned(),
         source,
     })
@@ -135,27 +131,29 @@ impl FuseExport {
             uid: nix::unistd::getuid().as_raw(),
             gid: nix::unistd::getgid().as_raw(),
         };
-        let shared = Shared::new(backend, opts.io, opts.writable, opts.growable, attrs);
-        let threads = opts.threads;
+        let shared = Shared::new(backend, opts.writable, opts.growable, attrs);
         let (mut session, allow_other) = match opts.allow_other {
-            AllowOther::On => (mount(&shared, path, true, threads)?, true),
-            AllowOther::Off => (mount(&shared, path, false, threads)?, false),
-            AllowOther::Auto => match mount(&shared, path, true, threads) {
+            AllowOther::On => (mount(&shared, path, true)?, true),
+            AllowOther::Off => (mount(&shared, path, false)?, false),
+            AllowOther::Auto => match mount(&shared, path, true) {
                 Ok(s) => (s, true),
-                Err(_) => (mount(&shared, path, false, threads)?, false),
+                Err(_) => (mount(&shared, path, false)?, false),
             },
         };
         let unmounter = session.unmount_callable();
-        let name = "qsd-fuse".to_owned();
-        std::thread::Builder::new()
-            .name(name)
-            .spawn(move || {
-                if let Err(e) = session.run() {
-                    tracing::warn!("FUSE session ended with an error: {e}");
-                }
-            })
-            .map_err(Error::Thread)?;
-        // Served by the reader threads just started.
+        let fd = session
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(Error::Session)?;
+        let (io, thread) = match opts.io {
+            Some(io) => (io, None),
+            None => {
+                let t = IoThread::spawn("fuse").map_err(Error::Session)?;
+                (t.handle(), Some(t))
+            }
+        };
+        io.spawn(serve::serve(Arc::clone(&shared), fd));
+        // Answered by the loop just started.
         let mount_dev = std::fs::metadata(path).map_or(0, |m| m.dev());
         Ok(Arc::new(FuseExport {
             mountpoint: opts.mountpoint,
@@ -163,6 +161,8 @@ impl FuseExport {
             allow_other,
             mount_dev,
             unmounter: Mutex::new(Some(unmounter)),
+            session: Mutex::new(Some(session)),
+            _thread: thread,
         }))
     }
 
@@ -242,12 +242,18 @@ impl FuseExport {
             }
         }
         // Open files keep a detached mount alive: cut its connection so
-        // they fail at once and the reader threads end.
+        // they fail at once and the serving loop ends.
         if let Some(p) = abort {
             if let Err(e) = std::fs::write(&p, "1") {
                 tracing::debug!("FUSE export: {}: {e}", p.display());
             }
         }
+        drop(
+            self.session
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
     }
 }
 

@@ -6,12 +6,13 @@
 //! - [`ExportGone`]: resolves once a removed export has no request left (the
 //!   moment to emit `BLOCK_EXPORT_DELETED`).
 //!
-//! Threads: a few FUSE reader threads (one cloned `/dev/fuse` descriptor
-//! each) decode requests. Attribute requests are answered on the reader
-//! thread; every data request (read, write, flush, fallocate, lseek,
-//! truncate) becomes a task on the export's runtime (its I/O thread or the
-//! main loop) that owns its buffer and replies when the I/O completes, so
-//! the kernel can keep many requests in flight.
+//! Threads: fuser mounts the file and negotiates `INIT`; then the export's
+//! I/O thread (the one given, or one of its own, never the main loop) reads
+//! `/dev/fuse` without blocking, decodes each request ([`proto`]) and
+//! answers attribute requests at once. Every data request (read, write,
+//! flush, fallocate, lseek, truncate) becomes a task there that owns its
+//! buffer and replies when the I/O completes, so the kernel can keep many
+//! requests in flight.
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -19,9 +20,9 @@ mod error;
 mod export;
 mod fs;
 mod ops;
+pub mod proto;
+mod serve;
 mod state;
 
 pub use error::{Error, Result};
-pub use export::{
-    permissions, AllowOther, ExportGone, FuseExport, FuseExportOptions, DEFAULT_THREADS,
-};
+pub use export::{permissions, AllowOther, ExportGone, FuseExport, FuseExportOptions};

@@ -1,16 +1,13 @@
-//! State shared by an export's control handle, its FUSE reader threads and
-//! its request tasks: the backend (taken away at removal), the in-memory
+//! State shared by an export's control handle, its serving loop and its
+//! request tasks: the backend (taken away at removal), the in-memory
 //! file attributes, the requests in flight and a pool of large buffers.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use qsd_block::BlockBackend;
 use qsd_rt::IoBuf;
-use tokio::runtime::Handle;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 /// Largest read or write the kernel is asked to send (it may cap it lower).
 pub(crate) const MAX_IO: usize = 1 << 20;
@@ -60,47 +57,10 @@ impl BufPool {
     }
 }
 
-/// A request task, built on a FUSE thread and run on the export's runtime.
-type Job = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// Hands request tasks to the export's runtime. A dispatcher task there
-/// spawns every queued job locally, so a busy runtime is woken once per
-/// batch rather than once per request (a remote spawn always writes its
-/// wake-up eventfd).
-#[derive(Debug)]
-pub(crate) struct Runner {
-    tx: mpsc::UnboundedSender<Job>,
-}
-
-impl Runner {
-    pub(crate) fn new(io: &Handle) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        io.spawn(dispatch(rx));
-        Runner { tx }
-    }
-
-    /// Run `fut` on the runtime. If the runtime has stopped, the job (and
-    /// the reply it owns, which then answers EIO) is dropped.
-    pub(crate) fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
-        let _ = self.tx.send(Box::pin(fut));
-    }
-}
-
-async fn dispatch(mut rx: mpsc::UnboundedReceiver<Job>) {
-    while let Some(job) = rx.recv().await {
-        tokio::spawn(job);
-        while let Ok(job) = rx.try_recv() {
-            tokio::spawn(job);
-        }
-    }
-}
-
 /// Everything the export's threads and tasks share.
 #[derive(Debug)]
 pub(crate) struct Shared {
     backend: RwLock<Option<BlockBackend>>,
-    /// Runs request tasks on the export's runtime.
-    pub(crate) runner: Runner,
     pub(crate) writable: bool,
     pub(crate) growable: bool,
     pub(crate) allow_other: AtomicBool,
@@ -116,14 +76,12 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn new(
         backend: BlockBackend,
-        io: Handle,
         writable: bool,
         growable: bool,
         attrs: Attrs,
     ) -> Arc<Self> {
         Arc::new(Shared {
             backend: RwLock::new(Some(backend)),
-            runner: Runner::new(&io),
             writable,
             growable,
             allow_other: AtomicBool::new(false),
@@ -229,9 +187,6 @@ mod tests {
     use qsd_block::{CommonOptions, Node, Perm};
 
     fn shared() -> Arc<Shared> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
         let node = Node::new(
             "n".into(),
             false,
@@ -245,7 +200,7 @@ mod tests {
             uid: 0,
             gid: 0,
         };
-        Shared::new(blk, rt.handle().clone(), true, false, attrs)
+        Shared::new(blk, true, false, attrs)
     }
 
     #[test]

@@ -44,8 +44,7 @@ fn start(
         writable,
         growable,
         allow_other: AllowOther::Auto,
-        io: rt.handle().clone(),
-        threads: 2,
+        io: Some(rt.handle().clone()),
     };
     (FuseExport::start(node(), opts).unwrap(), mp)
 }
