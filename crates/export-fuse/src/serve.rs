@@ -104,9 +104,9 @@ enum Next {
     Stop,
 }
 
-/// Send a reply made of `parts` (an out header first).
-fn send(dev: &AsyncFd<OwnedFd>, parts: &[&[u8]]) {
-    let iov: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+/// Send a reply: the out header and its body (possibly empty).
+fn send(dev: &AsyncFd<OwnedFd>, header: &[u8], body: &[u8]) {
+    let iov = [IoSlice::new(header), IoSlice::new(body)];
     match nix::sys::uio::writev(dev.get_ref().as_fd(), &iov) {
         Ok(_) => {}
         // The request was interrupted or the connection is going away.
@@ -116,11 +116,11 @@ fn send(dev: &AsyncFd<OwnedFd>, parts: &[&[u8]]) {
 }
 
 fn reply_ok(dev: &AsyncFd<OwnedFd>, unique: u64, body: &[u8]) {
-    send(dev, &[&proto::out_header(unique, 0, body.len()), body]);
+    send(dev, &proto::out_header(unique, 0, body.len()), body);
 }
 
 fn reply_err(dev: &AsyncFd<OwnedFd>, unique: u64, errno: i32) {
-    send(dev, &[&proto::out_header(unique, errno, 0)]);
+    send(dev, &proto::out_header(unique, errno, 0), &[]);
 }
 
 fn reply_result(dev: &AsyncFd<OwnedFd>, unique: u64, r: OpResult<()>) {
