@@ -1,6 +1,6 @@
 //! One FUSE export: mounting over a regular file, starting the serving
-//! loop on the export's runtime, and removal (unmount now; requests in flight finish before the export is
-//! gone).
+//! loop on the export's I/O thread, and removal (unmount now; requests in
+//! flight finish before the export is gone).
 
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;

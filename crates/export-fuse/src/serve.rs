@@ -141,7 +141,7 @@ fn allocated_bytes(node: &NodeRef) -> Option<u64> {
 }
 
 /// The attributes of the exported file, as qemu builds them.
-pub(crate) fn file_attr(shared: &Shared, blk: &BlockBackend) -> proto::Attr {
+fn file_attr(shared: &Shared, blk: &BlockBackend) -> proto::Attr {
     let size = blk.len();
     let a = shared.attrs();
     proto::Attr {
