@@ -15,6 +15,7 @@ use qsd_rt::IoBuf;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::inline::InlineWrites;
 use crate::lock::{ofd_supported, ImageLock};
 use crate::posix::{self, errno_of, os_error, Extent, FileKind};
 
@@ -131,6 +132,8 @@ pub struct PosixFile {
     has_write_zeroes: bool,
     /// Punched ranges read back as zeroes.
     discard_zeroes: bool,
+    /// Which buffered writes skip the ring.
+    inline: InlineWrites,
 }
 
 fn choose_aio(requested: Option<AioOpt>, direct: bool) -> Result<Aio> {
@@ -202,6 +205,7 @@ impl PosixFile {
             lock: ImageLock::new(path, use_lock),
             has_write_zeroes: device_ok,
             discard_zeroes: device_ok,
+            inline: InlineWrites::new(!p.direct && aio == Aio::IoUring),
         })
     }
 
@@ -254,7 +258,10 @@ impl PosixFile {
         let mut done = 0;
         while done < want {
             let (r, back) = if done == 0 {
-                rtio::write_at(self.aio, &self.fd, buf, offset).await
+                match self.inline.try_write(&self.fd, &buf, offset) {
+                    Some(r) => (r, buf),
+                    None => rtio::write_at(self.aio, &self.fd, buf, offset).await,
+                }
             } else {
                 let rest = IoBuf::from_slice(&buf[done..]);
                 let (r, _) = rtio::write_at(self.aio, &self.fd, rest, offset + done as u64).await;

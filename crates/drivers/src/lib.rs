@@ -8,6 +8,7 @@
 
 pub mod compress;
 pub mod file;
+mod inline;
 pub mod jsonname;
 mod lock;
 pub mod luks;

@@ -258,3 +258,33 @@ pub async fn fallocate(
     let fd = fd.clone();
     on_pool(move || blocking_fallocate(&fd, mode, offset, len)).await?
 }
+
+/// How [`write_now`] may wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteWait {
+    /// An ordinary `pwrite`: may sleep (page locks, dirty throttling).
+    Block,
+    /// `RWF_NOWAIT`: fails with `EAGAIN` rather than sleep, or with
+    /// `EOPNOTSUPP` where the file system cannot promise that.
+    NoWait,
+}
+
+/// Write `buf` at `offset` on the calling thread, now (one syscall; may
+/// write fewer bytes). For buffered writes, which are a copy into the page
+/// cache, this is cheaper than any hand-off; the caller decides when that
+/// is safe.
+pub fn write_now(fd: &SharedFd, buf: &[u8], offset: u64, wait: WriteWait) -> io::Result<usize> {
+    check_offset(offset)?;
+    let iov = libc::iovec {
+        iov_base: buf.as_ptr().cast_mut().cast(),
+        iov_len: buf.len(),
+    };
+    let flags = match wait {
+        WriteWait::Block => 0,
+        WriteWait::NoWait => libc::RWF_NOWAIT,
+    };
+    // SAFETY: the iovec covers `buf`, readable for its length while this
+    // call runs; fd is open while `fd` lives.
+    let ret = unsafe { libc::pwritev2(fd.raw(), &iov, 1, offset as libc::off64_t, flags) };
+    check(ret)
+}

@@ -1,0 +1,188 @@
+//! When a buffered write runs on the I/O thread itself instead of the ring.
+//!
+//! io_uring runs a buffered write at once only where the file system can
+//! promise not to sleep (`RWF_NOWAIT`: XFS and btrfs can). Elsewhere, ext4
+//! among them, it hands every buffered write to an io-wq worker thread:
+//! two thread wake-ups and a context switch for what is mostly a copy into
+//! the page cache, made after the data has left the CPU's cache. There,
+//! whole-page writes of up to 1 MiB are done with `pwrite` on the I/O
+//! thread. Whole pages, because a partial page that is not cached would
+//! first be read from the disk; 1 MiB, because that copy (about 200 µs) is
+//! of the order of what the exports already copy inline when they receive
+//! such a request.
+//!
+//! A buffered write can still sleep: dirty-page throttling, a journal
+//! commit, a page under writeback. One that took longer than [`SLOW`]
+//! sends writes back to the ring for [`BACK_OFF`], so that the thread goes
+//! on serving its other requests while the page cache drains.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::libc;
+use qsd_rt::io::{self as rtio, SharedFd, WriteWait};
+
+/// Largest write done inline.
+const INLINE_MAX: usize = 1024 * 1024;
+/// An inline write slower than this has slept.
+const SLOW: Duration = Duration::from_millis(2);
+/// How long writes go back to the ring after a slow one.
+const BACK_OFF: Duration = Duration::from_secs(1);
+
+/// Not asked yet whether the file system takes `RWF_NOWAIT` writes.
+const UNKNOWN: u8 = 0;
+/// Leave every write to the ring: O_DIRECT, `aio=threads`, or a file system
+/// with non-blocking buffered writes (which io_uring does at once itself).
+const RING: u8 = 1;
+/// Whole-page writes up to [`INLINE_MAX`] run inline.
+const INLINE: u8 = 2;
+
+/// The inline-write policy of one open file.
+#[derive(Debug)]
+pub(crate) struct InlineWrites {
+    mode: AtomicU8,
+    page: usize,
+    epoch: Instant,
+    /// Nanoseconds after `epoch` until which writes stay on the ring.
+    off_until: AtomicU64,
+}
+
+impl InlineWrites {
+    /// A policy for a file opened for buffered I/O served by io_uring
+    /// (`buffered_on_ring`); anything else always uses the ring.
+    pub(crate) fn new(buffered_on_ring: bool) -> Self {
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .and_then(|p| usize::try_from(p).ok())
+            .unwrap_or(4096);
+        InlineWrites {
+            mode: AtomicU8::new(if buffered_on_ring { UNKNOWN } else { RING }),
+            page,
+            epoch: Instant::now(),
+            off_until: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn fits(&self, offset: u64, len: usize) -> bool {
+        len > 0
+            && len <= INLINE_MAX
+            && len.is_multiple_of(self.page)
+            && offset.is_multiple_of(self.page as u64)
+    }
+
+    /// Write `buf` at `offset` now if the policy allows; `None` means
+    /// "submit it to the ring".
+    pub(crate) fn try_write(
+        &self,
+        fd: &SharedFd,
+        buf: &[u8],
+        offset: u64,
+    ) -> Option<io::Result<usize>> {
+        let mode = self.mode.load(Ordering::Relaxed);
+        if mode == RING || !self.fits(offset, buf.len()) {
+            return None;
+        }
+        if mode == UNKNOWN {
+            match rtio::write_now(fd, buf, offset, WriteWait::NoWait) {
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    tracing::debug!(
+                        "buffered writes cannot be non-blocking here: whole-page ones run inline"
+                    );
+                    self.mode.store(INLINE, Ordering::Relaxed);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    self.mode.store(RING, Ordering::Relaxed);
+                    return None;
+                }
+                Ok(n) => {
+                    self.mode.store(RING, Ordering::Relaxed);
+                    return Some(Ok(n));
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        self.blocking_write(fd, buf, offset)
+    }
+
+    fn blocking_write(&self, fd: &SharedFd, buf: &[u8], offset: u64) -> Option<io::Result<usize>> {
+        let start = self.now_ns();
+        if start < self.off_until.load(Ordering::Relaxed) {
+            return None;
+        }
+        let r = rtio::write_now(fd, buf, offset, WriteWait::Block);
+        let took = self.now_ns().saturating_sub(start);
+        if took > SLOW.as_nanos() as u64 {
+            tracing::debug!("an inline write took {took} ns: writes go to the ring for a while");
+            let until = self.now_ns().saturating_add(BACK_OFF.as_nanos() as u64);
+            self.off_until.store(until, Ordering::Relaxed);
+        }
+        Some(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    fn scratch() -> (tempfile::NamedTempFile, SharedFd) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let fd = SharedFd::new(f.reopen().unwrap().into());
+        (f, fd)
+    }
+
+    #[test]
+    fn test_inline_writes_only_whole_small_pages() {
+        let w = InlineWrites::new(true);
+        let p = w.page;
+        assert!(w.fits(0, p));
+        assert!(w.fits(p as u64 * 3, INLINE_MAX));
+        assert!(!w.fits(0, INLINE_MAX + p));
+        assert!(!w.fits(512, p));
+        assert!(!w.fits(0, p + 512));
+        assert!(!w.fits(0, 0));
+    }
+
+    #[test]
+    fn test_ring_mode_never_writes_inline() {
+        let (_f, fd) = scratch();
+        let w = InlineWrites::new(false);
+        assert!(w.try_write(&fd, &vec![1u8; w.page], 0).is_none());
+    }
+
+    #[test]
+    fn test_inline_write_lands_in_the_file_or_goes_to_the_ring() {
+        let (f, fd) = scratch();
+        let w = InlineWrites::new(true);
+        let data = vec![0x5au8; w.page * 2];
+        match w.try_write(&fd, &data, w.page as u64) {
+            Some(r) => {
+                assert_eq!(r.unwrap(), data.len());
+                let mut back = vec![0u8; data.len()];
+                f.as_file().read_exact_at(&mut back, w.page as u64).unwrap();
+                assert_eq!(back, data);
+            }
+            // A file system with non-blocking buffered writes: the probe
+            // said so, and from now on the ring does them.
+            None => assert_eq!(w.mode.load(Ordering::Relaxed), RING),
+        }
+        assert_ne!(w.mode.load(Ordering::Relaxed), UNKNOWN);
+    }
+
+    #[test]
+    fn test_slow_write_backs_off_to_the_ring() {
+        let (_f, fd) = scratch();
+        let w = InlineWrites::new(true);
+        w.mode.store(INLINE, Ordering::Relaxed);
+        w.off_until.store(u64::MAX, Ordering::Relaxed);
+        assert!(w.try_write(&fd, &vec![1u8; w.page], 0).is_none());
+        w.off_until.store(0, Ordering::Relaxed);
+        assert!(w.try_write(&fd, &vec![1u8; w.page], 0).is_some());
+    }
+}
