@@ -69,6 +69,12 @@ async fn run(shared: Arc<Shared>, fd: OwnedFd) -> std::io::Result<()> {
             Next::Continue(buf) => spare = buf,
             Next::Stop => return Ok(()),
         }
+        if spare.is_none() {
+            // A large write took the buffer: let it run (a buffered one
+            // may be copied into the page cache at once) while its payload
+            // is still in the CPU's cache, before reading another one.
+            tokio::task::yield_now().await;
+        }
     }
 }
 
