@@ -96,7 +96,9 @@ impl InlineWrites {
                     );
                     self.mode.store(INLINE, Ordering::Relaxed);
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                // EAGAIN: the file system does take RWF_NOWAIT, and so
+                // does io_uring. ENOSYS: no pwritev2 (seccomp).
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOSYS)) => {
                     self.mode.store(RING, Ordering::Relaxed);
                     return None;
                 }
