@@ -13,6 +13,8 @@ scratch directory; fio uses libaio with O_DIRECT on that file, 10 s per job,
 3 repeats alternating A B A B. Prints a Markdown table with median IOPS or
 MiB/s, the ratio A/B, and server CPU time per I/O (the daemon's threads only;
 the kernel's FUSE work on the client side is not counted for either).
+`--file-opts cache.direct=off` measures through the host page cache instead,
+as a `file` node is opened by default in qemu and qsd.
 
 Needs root (FUSE mounts) and /dev/fuse.
 """
