@@ -63,7 +63,7 @@ fn blocking_pread(fd: &SharedFd, buf: &mut IoBuf, offset: u64) -> io::Result<usi
     check(ret)
 }
 
-fn blocking_pwrite(fd: &SharedFd, buf: &IoBuf, offset: u64) -> io::Result<usize> {
+fn blocking_pwrite(fd: &SharedFd, buf: &[u8], offset: u64) -> io::Result<usize> {
     // SAFETY: buf is valid for buf.len() readable bytes; fd is open while `fd` lives.
     let ret = unsafe {
         libc::pwrite64(
@@ -275,16 +275,16 @@ pub enum WriteWait {
 /// is safe.
 pub fn write_now(fd: &SharedFd, buf: &[u8], offset: u64, wait: WriteWait) -> io::Result<usize> {
     check_offset(offset)?;
+    if wait == WriteWait::Block {
+        return blocking_pwrite(fd, buf, offset);
+    }
     let iov = libc::iovec {
         iov_base: buf.as_ptr().cast_mut().cast(),
         iov_len: buf.len(),
     };
-    let flags = match wait {
-        WriteWait::Block => 0,
-        WriteWait::NoWait => libc::RWF_NOWAIT,
-    };
     // SAFETY: the iovec covers `buf`, readable for its length while this
     // call runs; fd is open while `fd` lives.
-    let ret = unsafe { libc::pwritev2(fd.raw(), &iov, 1, offset as libc::off64_t, flags) };
+    let ret =
+        unsafe { libc::pwritev2(fd.raw(), &iov, 1, offset as libc::off64_t, libc::RWF_NOWAIT) };
     check(ret)
 }
