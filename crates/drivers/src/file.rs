@@ -10,7 +10,7 @@ use qsd_block::{
     BlockDriver, BlockStatus, BoxFut, DriverFactory, Error, ErrorKind, ImageInfo, Limits, OpenCtx,
     Perm, Result, WriteFlags, ZeroFlags,
 };
-use qsd_rt::io::{self as rtio, Aio, SharedFd};
+use qsd_rt::io::{self as rtio, Aio, SharedFd, Submit};
 use qsd_rt::IoBuf;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -136,6 +136,17 @@ pub struct PosixFile {
     inline: InlineWrites,
 }
 
+/// `O_DIRECT` requests go to the device, which works while we prepare the
+/// next ones, so they are submitted as soon as they start; buffered ones
+/// mostly complete inside the submitting syscall, so they are batched.
+fn submit_for(direct: bool) -> Submit {
+    if direct {
+        Submit::Eager
+    } else {
+        Submit::Batched
+    }
+}
+
 fn choose_aio(requested: Option<AioOpt>, direct: bool) -> Result<Aio> {
     let wanted = match requested {
         Some(AioOpt::Threads) => return Ok(Aio::Threads),
@@ -195,7 +206,7 @@ impl PosixFile {
             driver: p.driver,
             filename: path.to_string(),
             file,
-            fd: SharedFd::new(io_file.into()),
+            fd: SharedFd::with_submit(io_file.into(), submit_for(p.direct)),
             aio,
             kind,
             fell_back_read_only: fell_back,

@@ -25,20 +25,53 @@ pub enum Aio {
     Threads,
 }
 
+/// When the ring gives a file's operations to the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Submit {
+    /// With the other operations started in the same pass of the thread's
+    /// tasks, by one `io_uring_enter`: fewest syscalls. Right where the
+    /// kernel does the work inline (page-cache hits), so nothing is gained
+    /// by starting early.
+    #[default]
+    Batched,
+    /// At once, while the device has few of this thread's operations
+    /// (see `ring::EAGER_DEPTH`): for `O_DIRECT`, where the device works
+    /// in parallel with us. Handing it a whole burst in one go makes the
+    /// requests travel as a convoy: they complete together, and the device
+    /// sits idle while the front-end turns them round.
+    Eager,
+}
+
 /// A file descriptor shared by a node and its in-flight operations, so it is
 /// closed only when the last operation using it has completed.
 #[derive(Debug, Clone)]
-pub struct SharedFd(Arc<OwnedFd>);
+pub struct SharedFd {
+    fd: Arc<OwnedFd>,
+    submit: Submit,
+}
 
 impl SharedFd {
-    /// Wrap an open file descriptor.
+    /// Wrap an open file descriptor; its operations are [`Submit::Batched`].
     pub fn new(fd: OwnedFd) -> Self {
-        SharedFd(Arc::new(fd))
+        Self::with_submit(fd, Submit::Batched)
+    }
+
+    /// Wrap an open file descriptor whose ring operations follow `submit`.
+    pub fn with_submit(fd: OwnedFd, submit: Submit) -> Self {
+        SharedFd {
+            fd: Arc::new(fd),
+            submit,
+        }
     }
 
     /// The raw descriptor, valid while `self` lives.
     pub fn raw(&self) -> RawFd {
-        self.0.as_raw_fd()
+        self.fd.as_raw_fd()
+    }
+
+    /// When its operations reach the kernel.
+    pub fn submit(&self) -> Submit {
+        self.submit
     }
 }
 
@@ -146,8 +179,9 @@ async unsafe fn on_ring(
         buf,
         fd: Some(fd.clone()),
     };
+    let submit = fd.submit();
     // SAFETY: upheld by the caller; the payload keeps buf and fd alive.
-    match unsafe { Op::start(ring, sqe, payload) } {
+    match unsafe { Op::start(ring, sqe, payload, submit) } {
         Ok(op) => Ok(op.await),
         Err(p) => Err(p.buf),
     }

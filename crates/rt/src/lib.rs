@@ -26,6 +26,6 @@ mod tests;
 
 pub use buf::IoBuf;
 pub use eventfd::{readable_async_fd, EventFdWatch};
-pub use io::{Aio, SharedFd};
+pub use io::{Aio, SharedFd, Submit};
 pub use probe::{io_uring_available, resolve_aio};
 pub use thread::{block_on_with_ring, build_runtime, current_has_ring, run_main, IoThread};

@@ -16,7 +16,7 @@ use std::task::{Context, Poll, Waker};
 use io_uring::squeue;
 
 use crate::ring::{Deferred, Ring};
-use crate::{IoBuf, SharedFd};
+use crate::{IoBuf, SharedFd, Submit};
 
 /// Memory an operation hands to the kernel.
 #[derive(Debug, Default)]
@@ -227,6 +227,7 @@ impl Op {
         ring: Arc<Ring>,
         sqe: squeue::Entry,
         payload: Payload,
+        submit: Submit,
     ) -> Result<Op, Payload> {
         let mut st = ring.lock();
         if st.closed {
@@ -238,10 +239,15 @@ impl Op {
                 e.stage = Stage::InKernel;
             }
         }
-        let reaper = Ring::request_flush(&mut st);
-        drop(st);
-        if let Some(w) = reaper {
-            w.wake();
+        if submit == Submit::Eager && st.wants_eager_submit() {
+            drop(st);
+            ring.turn(false);
+        } else {
+            let reaper = Ring::request_flush(&mut st);
+            drop(st);
+            if let Some(w) = reaper {
+                w.wake();
+            }
         }
         Ok(Op {
             ring,

@@ -5,7 +5,11 @@
 //! and record themselves in the ring's operation table ([`crate::op`]); the
 //! SQEs are submitted together, by one `io_uring_enter`, when the reaper task
 //! runs (it is woken by the first push of a batch, so it runs after the tasks
-//! already queued in this tick) or when the runtime is about to park. The
+//! already queued in this tick) or when the runtime is about to park.
+//! Operations on a [`crate::Submit::Eager`] descriptor (`O_DIRECT` files)
+//! are submitted by the push itself while the thread has few operations in
+//! the kernel ([`EAGER_DEPTH`]), so that the device starts on a burst of
+//! requests while the rest of it is still being prepared. The
 //! reaper also waits on an eventfd registered with the ring, drains the
 //! completion queue and wakes the waiting futures.
 //!
@@ -29,6 +33,12 @@ use crate::op::Table;
 
 /// Submission queue size of each thread's ring.
 const RING_ENTRIES: u32 = 256;
+
+/// An [`crate::Submit::Eager`] operation is given to the kernel at once
+/// while at most this many of the thread's operations are there (itself
+/// included); above it, the device has enough to work on and the
+/// operation waits for the end of the pass like the others.
+pub(crate) const EAGER_DEPTH: usize = 16;
 
 /// How long a ring being torn down waits for operations the kernel still owns.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
@@ -247,6 +257,11 @@ impl State {
                 break;
             }
         }
+    }
+
+    /// Whether an eager operation just pushed should be submitted now.
+    pub(crate) fn wants_eager_submit(&mut self) -> bool {
+        self.in_kernel <= EAGER_DEPTH && !self.uring.submission().is_empty()
     }
 
     fn has_room(&mut self) -> bool {

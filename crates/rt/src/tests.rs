@@ -8,7 +8,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use crate::io::{fallocate, fsync, read_at, write_at};
-use crate::{ring, Aio, IoBuf, IoThread, SharedFd};
+use crate::{ring, Aio, IoBuf, IoThread, SharedFd, Submit};
 
 fn temp_fd() -> (tempfile::NamedTempFile, SharedFd) {
     let tmp = tempfile::NamedTempFile::new().unwrap();
@@ -146,7 +146,86 @@ fn test_uring_32_ops_in_one_tick_cost_one_enter() {
     });
 }
 
-fn poll_once<F: Future>(f: std::pin::Pin<&mut F>) -> Poll<F::Output> {
+/// A pipe: reads on its first end wait in the kernel until the second
+/// end is written.
+fn pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both descriptors were just created and are owned here.
+    unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    }
+}
+
+type ReadFuture<'a> = std::pin::Pin<Box<dyn Future<Output = (std::io::Result<usize>, IoBuf)> + 'a>>;
+
+/// Start `n` one-byte reads of `fd` (polled once each) and return them
+/// with the number of io_uring_enter calls that starting them made.
+fn start_reads(fd: &SharedFd, n: usize) -> (Vec<ReadFuture<'_>>, u64) {
+    let before = enters();
+    let mut reads = Vec::new();
+    for _ in 0..n {
+        let mut f: ReadFuture<'_> = Box::pin(read_at(Aio::IoUring, fd, IoBuf::new(1), 0));
+        assert!(poll_once(f.as_mut()).is_pending());
+        reads.push(f);
+    }
+    (reads, enters() - before)
+}
+
+#[test]
+fn test_uring_eager_ops_enter_at_once_up_to_the_depth() {
+    let (rd, wr) = pipe();
+    let eager = SharedFd::with_submit(rd, Submit::Eager);
+    with_ring(async {
+        if !crate::current_has_ring() {
+            return;
+        }
+        let depth = ring::EAGER_DEPTH;
+        let (reads, used) = start_reads(&eager, depth + 4);
+        assert_eq!(used, depth as u64, "one enter per op up to the depth");
+        let queued = ring::current().map(|r| r.lock().uring.submission().len());
+        assert_eq!(queued, Some(4), "past the depth, ops wait for the pass");
+        // SAFETY: writes from a live buffer to an open pipe.
+        let n = unsafe {
+            use std::os::fd::AsRawFd;
+            libc::write(wr.as_raw_fd(), [7u8; 64].as_ptr().cast(), depth + 4)
+        };
+        assert_eq!(n, (depth + 4) as isize);
+        for f in reads {
+            let (r, buf) = f.await;
+            assert_eq!((r.unwrap(), buf[0]), (1, 7));
+        }
+    });
+}
+
+#[test]
+fn test_uring_batched_ops_wait_for_the_pass() {
+    let (rd, wr) = pipe();
+    let batched = SharedFd::new(rd);
+    with_ring(async {
+        if !crate::current_has_ring() {
+            return;
+        }
+        let (reads, used) = start_reads(&batched, 3);
+        assert_eq!(used, 0, "batched ops are not submitted on start");
+        // SAFETY: writes from a live buffer to an open pipe.
+        let n = unsafe {
+            use std::os::fd::AsRawFd;
+            libc::write(wr.as_raw_fd(), b"abc".as_ptr().cast(), 3)
+        };
+        assert_eq!(n, 3);
+        for f in reads {
+            assert_eq!(f.await.0.unwrap(), 1);
+        }
+    });
+}
+
+fn poll_once<F: Future + ?Sized>(f: std::pin::Pin<&mut F>) -> Poll<F::Output> {
     f.poll(&mut Context::from_waker(Waker::noop()))
 }
 
