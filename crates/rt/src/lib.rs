@@ -28,4 +28,6 @@ pub use buf::IoBuf;
 pub use eventfd::{readable_async_fd, EventFdWatch};
 pub use io::{Aio, SharedFd, Submit};
 pub use probe::{io_uring_available, resolve_aio};
-pub use thread::{block_on_with_ring, build_runtime, current_has_ring, run_main, IoThread};
+pub use thread::{
+    block_on_with_ring, build_runtime, current_has_ring, run_main, spawn_started, IoThread,
+};

@@ -468,3 +468,45 @@ fn test_block_on_with_ring_leaves_no_task_behind() {
     }
     assert_eq!(rt.metrics().num_alive_tasks(), 0);
 }
+
+#[test]
+fn test_spawn_started_runs_to_the_first_wait_before_returning() {
+    let (rd, wr) = pipe();
+    let eager = SharedFd::with_submit(rd, Submit::Eager);
+    with_ring(async move {
+        if !crate::current_has_ring() {
+            return;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let before = enters();
+        crate::spawn_started(async move {
+            let (r, buf) = read_at(Aio::IoUring, &eager, IoBuf::new(1), 0).await;
+            let _ = tx.send((r.map(|n| n.min(1)).unwrap_or(0), buf[0]));
+        });
+        // The read reached the kernel before spawn_started returned.
+        assert_eq!(enters() - before, 1);
+        // SAFETY: writes one byte from a live buffer to an open pipe.
+        let n = unsafe {
+            use std::os::fd::AsRawFd;
+            libc::write(wr.as_raw_fd(), b"z".as_ptr().cast(), 1)
+        };
+        assert_eq!(n, 1);
+        // The task, polled again with its own waker, gets the completion.
+        assert_eq!(rx.await.unwrap(), (1, b'z'));
+    });
+}
+
+#[test]
+fn test_spawn_started_finished_on_first_poll_spawns_nothing() {
+    with_ring(async {
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ran.clone();
+        crate::spawn_started(async move { flag.store(true, std::sync::atomic::Ordering::SeqCst) });
+        assert!(ran.load(std::sync::atomic::Ordering::SeqCst));
+        let tasks = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        // The ring's reaper is the only task.
+        assert!(tasks <= 1, "{tasks} tasks alive");
+    });
+}

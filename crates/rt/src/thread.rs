@@ -57,6 +57,26 @@ pub fn run_main<F: Future>(f: F) -> io::Result<F::Output> {
     Ok(out)
 }
 
+/// Spawn `fut` on the current runtime after polling it once here, so that
+/// the I/O it starts is pushed to this thread's ring (and, for an `O_DIRECT`
+/// file, submitted) before the caller goes on; a plain spawn would start
+/// it only when the scheduler gets to the task. Returns at once if that
+/// first poll finishes it.
+///
+/// The first poll sees a no-op waker: whatever it waits on is polled again
+/// by the task, which registers the task's waker (futures must wake the
+/// waker of their latest poll), and the task is scheduled at spawn.
+pub fn spawn_started<F>(fut: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let mut fut = Box::pin(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if fut.as_mut().poll(&mut cx).is_pending() {
+        tokio::spawn(fut);
+    }
+}
+
 /// True if the calling thread has an io_uring ring installed.
 pub fn current_has_ring() -> bool {
     ring::current().is_some()
