@@ -67,13 +67,11 @@ async fn run(shared: Arc<Shared>, fd: OwnedFd) -> std::io::Result<()> {
         };
         match ctx.handle(&head, n, data) {
             Next::Continue(buf) => spare = buf,
+            Next::RunFirst(buf) => {
+                spare = buf;
+                tokio::task::yield_now().await;
+            }
             Next::Stop => return Ok(()),
-        }
-        if spare.is_none() {
-            // A large write took the buffer: let it run (a buffered one
-            // may be copied into the page cache at once) while its payload
-            // is still in the CPU's cache, before reading another one.
-            tokio::task::yield_now().await;
         }
     }
 }
@@ -106,8 +104,27 @@ async fn read_request(dev: &Dev, head: &mut [u8], data: &mut IoBuf) -> Result<us
 enum Next {
     /// Read the next request, into this buffer if given.
     Continue(Option<IoBuf>),
+    /// As `Continue`, once the task just spawned has run: a large write,
+    /// which took the buffer, is then copied into the page cache or
+    /// submitted while its payload is still in the CPU's cache.
+    RunFirst(Option<IoBuf>),
     /// The connection was destroyed.
     Stop,
+}
+
+/// When a request's task first runs.
+#[derive(Clone, Copy)]
+enum Start {
+    /// Before the next request is read from /dev/fuse: a read then reaches
+    /// the disk at once, while we read the requests queued behind it
+    /// (without this, fio's 32 reads went to the disk as one convoy, and
+    /// the disk stood empty while they were turned round: 4k QD32
+    /// `O_DIRECT` reads rose from about 48,000 to 60,000 IOPS). Only for
+    /// reads: started this way, 4k `O_DIRECT` writes at QD32 lost a sixth
+    /// of their rate, and page-cache I/O gains nothing either way.
+    Now,
+    /// When the scheduler gets to the task, after the read loop yields.
+    Queued,
 }
 
 /// Send a reply: the out header and its body (possibly empty).
@@ -329,6 +346,14 @@ impl Ctx<'_> {
         F: FnOnce(Arc<Shared>, BlockBackend, Dev) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
+        self.spawn_as(unique, Start::Queued, f);
+    }
+
+    fn spawn_as<F, Fut>(&self, unique: u64, start: Start, f: F)
+    where
+        F: FnOnce(Arc<Shared>, BlockBackend, Dev) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let Some(req) = self.shared.begin() else {
             return reply_err(self.dev, unique, libc::ENOTCONN);
         };
@@ -337,10 +362,14 @@ impl Ctx<'_> {
             req.blk().clone(),
             Arc::clone(self.dev),
         );
-        tokio::spawn(async move {
+        let task = async move {
             fut.await;
             drop(req);
-        });
+        };
+        match start {
+            Start::Now => qsd_rt::spawn_started(task),
+            Start::Queued => drop(tokio::spawn(task)),
+        }
     }
 
     fn setattr(&self, h: &Header, s: SetAttr) {
@@ -371,7 +400,7 @@ impl Ctx<'_> {
 
     fn read(&self, h: &Header, offset: u64, size: u32) {
         let unique = h.unique;
-        self.spawn(unique, move |shared, blk, dev| async move {
+        self.spawn_as(unique, Start::Now, move |shared, blk, dev| async move {
             match ops::read(&shared, &blk, offset, size).await {
                 Ok(buf) => {
                     reply_ok(&dev, unique, &buf);
@@ -403,7 +432,10 @@ impl Ctx<'_> {
                 Err(n) => reply_err(&dev, unique, n),
             }
         });
-        Next::Continue(keep)
+        match keep {
+            Some(buf) => Next::Continue(Some(buf)),
+            None => Next::RunFirst(None),
+        }
     }
 }
 
