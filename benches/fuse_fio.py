@@ -4,7 +4,7 @@
     benches/fuse_fio.sh [--a BIN] [--b BIN] [--image PATH] [--size BYTES]
                         [--format raw|qcow2] [--runtime S] [--repeats N]
                         [--jobs a,b] [--file-opts OPTS] [--iothread]
-                        [--daemon-cpus 0] [--fio-cpus 1]
+                        [--daemon-cpus 0] [--fio-cpus 1] [--disk-alone]
 
 Defaults: A = target/release/qsd (or $BENCH_A), B = qemu-storage-daemon
 (or $BENCH_B), a 1 GiB raw image in /var/tmp filled with data on a file
@@ -15,6 +15,9 @@ MiB/s, the ratio A/B, and server CPU time per I/O (the daemon's threads only;
 the kernel's FUSE work on the client side is not counted for either).
 `--file-opts cache.direct=off` measures through the host page cache instead,
 as a `file` node is opened by default in qemu and qsd.
+With --disk-alone (raw only), each job is then run by fio alone on the
+image (io_uring, O_DIRECT, on the daemon's CPUs): the most any daemon can
+serve.
 
 Needs root (FUSE mounts) and /dev/fuse.
 """
@@ -113,6 +116,7 @@ def main() -> None:
     p.add_argument("--format", choices=["raw", "qcow2"], default="raw")
     p.add_argument("--iothread", action="store_true", help="run the export on an iothread")
     p.add_argument("--fio-cpus", default="", help="fio cpus_allowed list")
+    lib.add_disk_alone_option(p)
     args = p.parse_args()
 
     lib.need_tool("fio", "fio")
@@ -132,6 +136,11 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     print(lib.markdown_table(results, a, b))
     print("\n" + lib.wake_floor(args.fio_cpus, args.daemon_cpus))
+    if args.disk_alone and args.format == "raw":
+        print("\n" + lib.disk_alone(image, {j: JOBS[j] for j in jobs}, args.runtime,
+                                     args.daemon_cpus))
+    elif args.disk_alone:
+        print("\ndisk alone: only measured with --format raw")
 
 
 if __name__ == "__main__":

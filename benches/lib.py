@@ -345,6 +345,39 @@ def wake_floor(client_cpus: str, daemon_cpus: str) -> str:
             f"{f['server_cpu_us_per_round_trip']:.1f} µs CPU on the daemon's side")
 
 
+def add_disk_alone_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--disk-alone", action="store_true",
+                   help="also run each job with fio alone on the image (io_uring, O_DIRECT, "
+                        "on the daemon's CPUs): the most any daemon can serve")
+
+
+def disk_alone(image: Path, jobs: dict[str, tuple[str, str]], runtime: float,
+               cpus: str) -> str:
+    """A table of what the disk itself does for each job: fio on `image`
+    with io_uring and O_DIRECT, pinned like the daemon. `jobs` maps a job
+    name to its fio options (rw, bs, iodepth) and the unit of its figure.
+    No daemon can serve more than this; at QD1 a daemon adds at least the
+    wake-up floor to each request on top of it."""
+    lines = [f"disk alone (fio on `{image}`, io_uring, O_DIRECT"
+             f"{', CPU ' + cpus if cpus else ''}):", "",
+             "| job | disk alone |", "|---|---:|"]
+    pin = ["taskset", "-c", cpus] if cpus else []
+    for name, (opts, unit) in jobs.items():
+        cmd = [*pin, "fio", "--name=disk", f"--filename={image}", "--ioengine=io_uring",
+               "--direct=1", "--time_based", f"--runtime={int(runtime * 1000)}ms",
+               "--output-format=json", *opts.split()]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime + 60)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
+        job = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]
+        if unit == "IOPS":
+            value = job["read"]["iops"] + job["write"]["iops"]
+        else:
+            value = (job["read"]["bw_bytes"] + job["write"]["bw_bytes"]) / MiB
+        lines.append(f"| {name} | {value:,.0f} {unit} |")
+    return "\n".join(lines)
+
+
 def need_tool(name: str, package: str) -> None:
     if shutil.which(name) is None:
         raise SystemExit(f"tool {name} is missing: install package {package}")

@@ -3,12 +3,14 @@
 
     benches/nbd_fio.sh [--a BIN] [--b BIN] [--image PATH] [--size BYTES]
                        [--runtime S] [--repeats N] [--jobs a,b] [--file-opts OPTS]
-                       [--daemon-cpus 0] [--fio-cpus 1]
+                       [--daemon-cpus 0] [--fio-cpus 1] [--disk-alone]
 
 Defaults: A = target/release/qsd (or $BENCH_A), B = qemu-storage-daemon
 (or $BENCH_B), a 1 GiB image in /var/tmp filled with data, 10 s per job,
 3 repeats alternating A B A B. Prints a Markdown table with median IOPS or
 MiB/s of each daemon, the ratio A/B, and server CPU time per I/O.
+With --disk-alone, each job is then run by fio alone on the image
+(io_uring, O_DIRECT, on the daemon's CPUs): the most any daemon can serve.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def measure(spec: lib.DaemonSpec, target: lib.Target, job: str, args) -> lib.Sam
 def main() -> None:
     p = lib.bench_parser(__doc__, JOBS, "/var/tmp/qsd-bench.raw")
     p.add_argument("--fio-cpus", default="", help="fio cpus_allowed list")
+    lib.add_disk_alone_option(p)
     args = p.parse_args()
 
     lib.need_tool("fio", "fio")
@@ -88,6 +91,9 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     print(lib.markdown_table(results, a, b))
     print("\n" + lib.wake_floor(args.fio_cpus, args.daemon_cpus))
+    if args.disk_alone:
+        print("\n" + lib.disk_alone(image, {j: JOBS[j] for j in jobs}, args.runtime,
+                                     args.daemon_cpus))
 
 
 if __name__ == "__main__":

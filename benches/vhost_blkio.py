@@ -4,7 +4,7 @@
     benches/vhost_blkio.sh [--a BIN] [--b BIN] [--client BIN] [--image PATH]
                            [--size BYTES] [--runtime S] [--repeats N]
                            [--jobs a,b] [--file-opts OPTS] [--iothread]
-                           [--daemon-cpus 0] [--client-cpus 1]
+                           [--daemon-cpus 0] [--client-cpus 1] [--disk-alone]
 
 Each daemon serves a raw image (default 1 GiB in /var/tmp, filled once with
 non-zero data) on a file node with the given options (default
@@ -21,6 +21,8 @@ blkio_load (or $BENCH_BLKIO_LOAD), 10 s per job, 3 repeats alternating
 A B A B, a fresh daemon per run. Prints a Markdown table with median IOPS or
 MiB/s, the ratio A/B, and server CPU time per I/O (utime + stime of the
 daemon from /proc over the client's whole run, connection set-up included).
+With --disk-alone, each job is then run by fio alone on the image
+(io_uring, O_DIRECT, on the daemon's CPUs): the most any daemon can serve.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--iothread", action="store_true",
                    help="run the export in an iothread object (both daemons)")
     p.add_argument("--client-cpus", default="", help="taskset CPU list for the client")
+    lib.add_disk_alone_option(p)
     return p.parse_args()
 
 
@@ -128,6 +131,10 @@ def main() -> None:
           f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end\n")
     print(lib.markdown_table(results, a, b))
     print("\n" + lib.wake_floor(args.client_cpus, args.daemon_cpus))
+    if args.disk_alone:
+        fio_jobs = {j: (f"--rw={JOBS[j][0]} --bs={JOBS[j][1]} --iodepth={JOBS[j][2]}", JOBS[j][3])
+                    for j in jobs}
+        print("\n" + lib.disk_alone(image, fio_jobs, args.runtime, args.daemon_cpus))
 
 
 if __name__ == "__main__":
