@@ -275,7 +275,6 @@ impl Clone for IoBuf {
 mod tests {
     use super::*;
     use std::future::Future;
-    use std::os::fd::OwnedFd;
     use std::pin::pin;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::{Context, Waker};
@@ -440,14 +439,7 @@ mod tests {
             eprintln!("io_uring unavailable; skipping");
             return;
         }
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 writes two descriptors into the array.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: both descriptors were just created and are owned here.
-        let (rd, wr) = unsafe {
-            use std::os::fd::FromRawFd;
-            (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
-        };
+        let (rd, wr) = crate::tests::pipe();
         let rd = SharedFd::new(rd);
         with_ring(async {
             let (buf, drops) = external(&[0u8; 64], 0);

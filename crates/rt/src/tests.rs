@@ -148,7 +148,7 @@ fn test_uring_32_ops_in_one_tick_cost_one_enter() {
 
 /// A pipe: reads on its first end wait in the kernel until the second
 /// end is written.
-fn pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+pub(crate) fn pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
     use std::os::fd::FromRawFd;
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two descriptors into the array.
