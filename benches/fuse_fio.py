@@ -103,10 +103,7 @@ def measure(spec: lib.DaemonSpec, target: lib.Target, job: str, args) -> lib.Sam
         if mounted(mnt):
             subprocess.run(["umount", "-l", str(mnt)], check=False)
     ios = res["read"]["total_ios"] + res["write"]["total_ios"]
-    if unit == "IOPS":
-        value = res["read"]["iops"] + res["write"]["iops"]
-    else:
-        value = (res["read"]["bw_bytes"] + res["write"]["bw_bytes"]) / lib.MiB
+    value = lib.fio_figure(res, unit)
     cpu_per_io = (cpu1 - cpu0) * 1e6 / ios if ios else float("nan")
     return lib.Sample(value, cpu_per_io)
 

@@ -345,6 +345,14 @@ def wake_floor(client_cpus: str, daemon_cpus: str) -> str:
             f"{f['server_cpu_us_per_round_trip']:.1f} µs CPU on the daemon's side")
 
 
+def fio_figure(job: dict, unit: str) -> float:
+    """The headline figure of one fio job's JSON result: IOPS, or MiB/s,
+    reads and writes together."""
+    if unit == "IOPS":
+        return job["read"]["iops"] + job["write"]["iops"]
+    return (job["read"]["bw_bytes"] + job["write"]["bw_bytes"]) / MiB
+
+
 def add_disk_alone_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk-alone", action="store_true",
                    help="also run each job with fio alone on the image (io_uring, O_DIRECT, "
@@ -370,11 +378,7 @@ def disk_alone(image: Path, jobs: dict[str, tuple[str, str]], runtime: float,
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
         job = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]
-        if unit == "IOPS":
-            value = job["read"]["iops"] + job["write"]["iops"]
-        else:
-            value = (job["read"]["bw_bytes"] + job["write"]["bw_bytes"]) / MiB
-        lines.append(f"| {name} | {value:,.0f} {unit} |")
+        lines.append(f"| {name} | {fio_figure(job, unit):,.0f} {unit} |")
     return "\n".join(lines)
 
 

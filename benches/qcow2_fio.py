@@ -106,10 +106,7 @@ def measure(spec: lib.DaemonSpec, job: Job, args) -> lib.Sample:
     finally:
         daemon.stop()
     ios = res["read"]["total_ios"] + res["write"]["total_ios"]
-    if job.unit == "IOPS":
-        value = res["read"]["iops"] + res["write"]["iops"]
-    else:
-        value = (res["read"]["bw_bytes"] + res["write"]["bw_bytes"]) / lib.MiB
+    value = lib.fio_figure(res, job.unit)
     cpu_per_io = (cpu1 - cpu0) * 1e6 / ios if ios else float("nan")
     if job.empty:
         # The image must still be valid qcow2 after the daemon's clean exit.
