@@ -118,10 +118,11 @@ impl InlineWrites {
             return None;
         }
         let r = rtio::write_now(fd, buf, offset, WriteWait::Block);
-        let took = self.now_ns().saturating_sub(start);
+        let end = self.now_ns();
+        let took = end.saturating_sub(start);
         if took > SLOW.as_nanos() as u64 {
             tracing::debug!("an inline write took {took} ns: writes go to the ring for a while");
-            let until = self.now_ns().saturating_add(BACK_OFF.as_nanos() as u64);
+            let until = end.saturating_add(BACK_OFF.as_nanos() as u64);
             self.off_until.store(until, Ordering::Relaxed);
         }
         Some(r)
