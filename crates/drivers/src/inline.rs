@@ -77,13 +77,14 @@ impl InlineWrites {
         }
     }
 
-    fn now_ns(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    /// Nanoseconds from `epoch` to `t`.
+    fn ns_at(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
-    fn fits(&self, offset: u64, len: usize) -> bool {
+    fn fits(&self, offset: u64, len: usize, now: Instant) -> bool {
         len > 0
-            && len <= inline_max()
+            && len <= inline_max(now)
             && len.is_multiple_of(self.page)
             && offset.is_multiple_of(self.page as u64)
     }
@@ -97,7 +98,12 @@ impl InlineWrites {
         offset: u64,
     ) -> Option<io::Result<usize>> {
         let mode = self.mode.load(Ordering::Relaxed);
-        if mode == RING || !self.fits(offset, buf.len()) {
+        if mode == RING {
+            return None;
+        }
+        // One clock read serves the affinity check and the back-off.
+        let now = Instant::now();
+        if !self.fits(offset, buf.len(), now) {
             return None;
         }
         if mode == UNKNOWN {
@@ -121,16 +127,22 @@ impl InlineWrites {
                 Err(e) => return Some(Err(e)),
             }
         }
-        self.blocking_write(fd, buf, offset)
+        self.blocking_write(fd, buf, offset, now)
     }
 
-    fn blocking_write(&self, fd: &SharedFd, buf: &[u8], offset: u64) -> Option<io::Result<usize>> {
-        let start = self.now_ns();
+    fn blocking_write(
+        &self,
+        fd: &SharedFd,
+        buf: &[u8],
+        offset: u64,
+        now: Instant,
+    ) -> Option<io::Result<usize>> {
+        let start = self.ns_at(now);
         if start < self.off_until.load(Ordering::Relaxed) {
             return None;
         }
         let r = rtio::write_now(fd, buf, offset, WriteWait::Block);
-        let end = self.now_ns();
+        let end = self.ns_at(Instant::now());
         let took = end.saturating_sub(start);
         if took > SLOW.as_nanos() as u64 {
             tracing::debug!("an inline write took {took} ns: writes go to the ring for a while");
@@ -147,13 +159,13 @@ thread_local! {
 }
 
 /// The largest write this thread does inline, from its CPU affinity
-/// (looked at again after [`AFFINITY_RECHECK`]).
-fn inline_max() -> usize {
+/// (looked at again after [`AFFINITY_RECHECK`]); `now` is the time.
+fn inline_max(now: Instant) -> usize {
     LIMIT.with(|limit| match limit.get() {
-        Some((max, at)) if at.elapsed() < AFFINITY_RECHECK => max,
+        Some((max, at)) if now.saturating_duration_since(at) < AFFINITY_RECHECK => max,
         _ => {
             let max = inline_max_for(allowed_cpus());
-            limit.set(Some((max, Instant::now())));
+            limit.set(Some((max, now)));
             max
         }
     })
@@ -192,13 +204,14 @@ mod tests {
     fn test_inline_writes_only_whole_small_pages() {
         let w = InlineWrites::new(true);
         let p = w.page;
-        let max = inline_max();
-        assert!(w.fits(0, p));
-        assert!(w.fits(p as u64 * 3, max));
-        assert!(!w.fits(0, max + p));
-        assert!(!w.fits(512, p));
-        assert!(!w.fits(0, p + 512));
-        assert!(!w.fits(0, 0));
+        let now = Instant::now();
+        let max = inline_max(now);
+        assert!(w.fits(0, p, now));
+        assert!(w.fits(p as u64 * 3, max, now));
+        assert!(!w.fits(0, max + p, now));
+        assert!(!w.fits(512, p, now));
+        assert!(!w.fits(0, p + 512, now));
+        assert!(!w.fits(0, 0, now));
     }
 
     #[test]
@@ -220,7 +233,7 @@ mod tests {
             one.set(first).unwrap();
             nix::sched::sched_setaffinity(me, &one).unwrap();
             assert_eq!(allowed_cpus(), Some(1));
-            assert_eq!(inline_max(), INLINE_MAX_ONE_CPU);
+            assert_eq!(inline_max(Instant::now()), INLINE_MAX_ONE_CPU);
         })
         .join()
         .unwrap();
